@@ -1,0 +1,5 @@
+"""Drop-in modules, in the style of torch.nn."""
+
+from fastcnn.nn.residual import AddReLU
+
+__all__ = ["AddReLU"]

@@ -1,0 +1,156 @@
+"""fastcnn::add_act: the residual add followed by an activation, out = act(a + b).
+
+One pass over memory where eager PyTorch makes two (`torch.relu(a + b)`).
+Backward: fastcnn::add_act_backward gives grad * act'(out), the gradient of
+both a and b, from the saved output.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from fastcnn import _native, backends
+from fastcnn.ops.checks import check_act, check_matches, check_tensor
+from fastcnn.ops.layout import dense_in, memory_format_of, new_like
+from fastcnn.ops.triton_route import route_to_triton_when_compiled
+
+ACTS = (None, "relu")
+
+
+def check_add_act(a, b, act) -> None:
+    check_tensor("a", a)
+    check_tensor("b", b)
+    check_matches("b", b, "a", a)
+    check_act(act, ACTS)
+
+
+# --- forward kernels, one per backend: (a, b, out, act), all dense in out's layout
+
+def _torch_add_act(a, b, out, act):
+    out.copy_(torch.relu(a + b) if act == "relu" else a + b)
+
+
+def _cpu_add_act(a, b, out, act):
+    _native.load("_cpu").add_act(a.data_ptr(), b.data_ptr(), out.data_ptr(), out.numel(),
+                                 _native.dtype_code(out), _native.ACT_CODES[act])
+
+
+def _cuda_add_act(a, b, out, act):
+    _native.load("_cuda").add_act(a.data_ptr(), b.data_ptr(), out.data_ptr(), out.numel(),
+                                  _native.dtype_code(out), _native.ACT_CODES[act], _native.stream_of(out))
+
+
+def _triton_add_act(a, b, out, act):
+    from fastcnn.triton import add_act as kernels
+    kernels.add_act(a, b, out, act)
+
+
+FORWARD = {"torch": _torch_add_act, "cpu": _cpu_add_act, "cuda": _cuda_add_act, "triton": _triton_add_act}
+
+
+@torch.library.custom_op("fastcnn::add_act", mutates_args=())
+def add_act(a: Tensor, b: Tensor, act: Optional[str] = "relu") -> Tensor:
+    check_add_act(a, b, act)
+    out = new_like(a)
+    if out.numel():
+        fmt = memory_format_of(out)
+        FORWARD[backends.resolve(a.device)](dense_in(a, fmt), dense_in(b, fmt), out, act)
+    return out
+
+
+@add_act.register_fake
+def _(a, b, act="relu"):
+    check_add_act(a, b, act)
+    return new_like(a)
+
+
+# --- backward: grad_in = grad * act'(out)
+
+def _torch_add_act_backward(grad, out, grad_in, act):
+    grad_in.copy_(torch.where(out > 0, grad, torch.zeros_like(grad)) if act == "relu" else grad)
+
+
+def _cpu_add_act_backward(grad, out, grad_in, act):
+    _native.load("_cpu").add_act_backward(grad.data_ptr(), out.data_ptr(), grad_in.data_ptr(), out.numel(),
+                                          _native.dtype_code(out), _native.ACT_CODES[act])
+
+
+def _cuda_add_act_backward(grad, out, grad_in, act):
+    _native.load("_cuda").add_act_backward(grad.data_ptr(), out.data_ptr(), grad_in.data_ptr(), out.numel(),
+                                           _native.dtype_code(out), _native.ACT_CODES[act],
+                                           _native.stream_of(out))
+
+
+def _triton_add_act_backward(grad, out, grad_in, act):
+    from fastcnn.triton import add_act as kernels
+    kernels.add_act_backward(grad, out, grad_in, act)
+
+
+BACKWARD = {"torch": _torch_add_act_backward, "cpu": _cpu_add_act_backward, "cuda": _cuda_add_act_backward,
+            "triton": _triton_add_act_backward}
+
+
+def check_add_act_backward(grad, out, act) -> None:
+    check_tensor("grad", grad)
+    check_tensor("out", out)
+    check_matches("grad", grad, "out", out)
+    check_act(act, ACTS)
+
+
+@torch.library.custom_op("fastcnn::add_act_backward", mutates_args=())
+def add_act_backward(grad: Tensor, out: Tensor, act: Optional[str] = "relu") -> Tensor:
+    check_add_act_backward(grad, out, act)
+    grad_in = new_like(out)
+    if grad_in.numel():
+        fmt = memory_format_of(grad_in)
+        BACKWARD[backends.resolve(out.device)](dense_in(grad, fmt), dense_in(out, fmt), grad_in, act)
+    return grad_in
+
+
+@add_act_backward.register_fake
+def _(grad, out, act="relu"):
+    check_add_act_backward(grad, out, act)
+    return new_like(out)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.act = inputs[2]
+    ctx.save_for_backward(output)
+
+
+def _backward(ctx, grad):
+    if ctx.act is None:
+        return grad, grad, None
+    (out,) = ctx.saved_tensors
+    grad_in = torch.ops.fastcnn.add_act_backward(grad, out, ctx.act)
+    return grad_in, grad_in, None
+
+
+add_act.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- Triton twins that torch.compile traces into (see triton_route.py)
+
+@torch.library.triton_op("fastcnn::add_act_triton", mutates_args=())
+def add_act_triton(a: Tensor, b: Tensor, act: Optional[str] = "relu") -> Tensor:
+    out = new_like(a)
+    if out.numel():
+        fmt = memory_format_of(out)
+        _triton_add_act(dense_in(a, fmt), dense_in(b, fmt), out, act)
+    return out
+
+
+@torch.library.triton_op("fastcnn::add_act_backward_triton", mutates_args=())
+def add_act_backward_triton(grad: Tensor, out: Tensor, act: Optional[str] = "relu") -> Tensor:
+    grad_in = new_like(out)
+    if grad_in.numel():
+        fmt = memory_format_of(grad_in)
+        _triton_add_act_backward(dense_in(grad, fmt), dense_in(out, fmt), grad_in, act)
+    return grad_in
+
+
+route_to_triton_when_compiled(add_act, add_act_triton)
+route_to_triton_when_compiled(add_act_backward, add_act_backward_triton)

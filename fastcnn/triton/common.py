@@ -1,0 +1,44 @@
+"""What every Triton kernel file shares: the accumulation dtype and activations."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastcnn._native import ACT_CODES
+
+
+def acc_dtype(dtype: torch.dtype):
+    """float64 stays float64; everything else is computed in float32 (the interpreter
+    also mishandles bfloat16 arithmetic, so nothing is computed in it)."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+def act_code(act: str | None) -> int:
+    return ACT_CODES[act]
+
+
+@triton.jit
+def apply_act(v, ACT: tl.constexpr):
+    # Codes as in fastcnn._native.ACT_CODES. NaN passes through ReLU, as in torch.relu.
+    if ACT == 1:
+        v = tl.where(v < 0, 0.0, v).to(v.dtype)
+    elif ACT == 2:
+        e = tl.exp(-2.0 * tl.abs(v))
+        t = (1.0 - e) / (1.0 + e)
+        v = tl.where(v < 0, -t, t).to(v.dtype)
+    elif ACT == 3:
+        v = (1.0 / (1.0 + tl.exp(-v))).to(v.dtype)
+    return v
+
+
+@triton.jit
+def act_grad_from_output(grad, y, ACT: tl.constexpr):
+    if ACT == 1:
+        grad = tl.where(y > 0, grad, 0.0).to(grad.dtype)
+    elif ACT == 2:
+        grad = grad * (1.0 - y * y)
+    elif ACT == 3:
+        grad = grad * y * (1.0 - y)
+    return grad

@@ -1,0 +1,6 @@
+// Placeholder until the global_avg_pool2d kernels land: registers nothing yet.
+#include "fastcnn/bindings.h"
+
+namespace fastcnn::bindings {
+void bind_cpu_global_avg_pool2d(pybind11::module_&) {}
+}  // namespace fastcnn::bindings

@@ -1,0 +1,6 @@
+// Placeholder until the bias_act kernels land: registers nothing yet.
+#include "fastcnn/bindings.h"
+
+namespace fastcnn::bindings {
+void bind_cuda_bias_act(pybind11::module_&) {}
+}  // namespace fastcnn::bindings

@@ -1,0 +1,85 @@
+"""Shared test set-up: which backends run here, the per-dtype tolerances, and
+poisoned allocations.
+
+Without a GPU the Triton kernels run on the CPU under TRITON_INTERPRET=1, so the
+`triton` backend is tested everywhere (on small shapes)."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import fastcnn  # noqa: E402
+from fastcnn import backends  # noqa: E402
+
+# One table of tolerances for every test: (rtol, atol) per dtype.
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (1.3e-6, 1e-5),
+    torch.float16: (1e-3, 1e-3),
+    torch.bfloat16: (1.6e-2, 1e-2),
+}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def assert_close(actual, expected, *, dtype=None, equal_nan=False, scale=1.0):
+    """assert_close with the tolerance of `dtype` (default: expected's). `scale` widens
+    both tolerances for results that sum many terms (a pooling window, a reduction)."""
+    rtol, atol = TOLERANCES[dtype or expected.dtype]
+    torch.testing.assert_close(actual, expected, rtol=rtol * scale, atol=atol * scale, equal_nan=equal_nan)
+
+
+def backend_devices():
+    """(backend, device) pairs that can run here."""
+    pairs = [(b, "cpu") for b in backends.available_backends("cpu")]
+    if torch.cuda.is_available():
+        pairs += [(b, "cuda") for b in backends.available_backends("cuda")]
+    return pairs
+
+
+BACKEND_DEVICES = backend_devices()
+BACKEND_IDS = [f"{b}-{d}" for b, d in BACKEND_DEVICES]
+
+
+@pytest.fixture(params=BACKEND_DEVICES, ids=BACKEND_IDS)
+def backend_device(request):
+    """Runs the test once per (backend, device) pair, with that backend selected."""
+    backend, device = request.param
+    with fastcnn.use_backend(backend):
+        yield backend, device
+
+
+@pytest.fixture(autouse=True)
+def poisoned_allocations():
+    """Every torch.empty in a test comes back filled with NaN (integers with their
+    maximum), so an output element a kernel forgets to write fails the comparison."""
+    previous = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    yield
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+    torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+
+
+def make_input(shape, dtype, device, layout="nchw", requires_grad=False, seed=None):
+    """Fresh random input in one of three layouts: nchw, channels_last, or a
+    non-contiguous slice (every other column of a wider tensor)."""
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    wide = list(shape)
+    if layout == "strided":
+        wide[-1] *= 2
+    t = torch.randn(wide, generator=gen, dtype=torch.float32).to(device=device, dtype=dtype)
+    if layout == "channels_last":
+        t = t.contiguous(memory_format=torch.channels_last)
+    if layout == "strided":
+        t = t[..., ::2]
+        assert shape[-1] == 1 or not t.is_contiguous()
+    return t.requires_grad_(requires_grad)
+
+
+LAYOUTS = ["nchw", "channels_last", "strided"]
