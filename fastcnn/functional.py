@@ -1,17 +1,63 @@
 """fastcnn's ops as plain functions, in the style of torch.nn.functional.
 
-Each checks its arguments before calling the op, so that a wrong type gets an
-error naming the argument rather than the dispatcher's schema mismatch."""
+Each checks its arguments before calling its op, so that a wrong argument gets an
+error naming it rather than the dispatcher's schema mismatch. Pooling functions
+take (N, C, H, W) input, or unbatched (C, H, W) as torch.nn.functional does."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from fastcnn.ops import add_act as _add_act
+import fastcnn.ops  # noqa: F401  (registers torch.ops.fastcnn.*)
+from fastcnn.ops.checks import check_tensor
+from fastcnn.ops.pool_geometry import pool_params
 
 
 def add_act(a: Tensor, b: Tensor, act: str | None = "relu") -> Tensor:
     """Residual add, then `act` (None or "relu"): act(a + b) in one pass."""
-    _add_act.check_add_act(a, b, act)
+    from fastcnn.ops.add_act import check_add_act
+    check_add_act(a, b, act)
     return torch.ops.fastcnn.add_act(a, b, act)
+
+
+def bias_act(x: Tensor, bias: Tensor, act: str | None = "relu") -> Tensor:
+    """Per-channel bias (along dim 1), then `act` (None, "relu", "tanh" or "sigmoid")."""
+    from fastcnn.ops.bias_act import check_bias_act
+    check_bias_act(x, bias, act)
+    return torch.ops.fastcnn.bias_act(x, bias, act)
+
+
+def _batched(input: Tensor) -> tuple[Tensor, bool]:
+    check_tensor("input", input)
+    if input.dim() not in (3, 4):
+        raise ValueError(f"input must have 3 (C, H, W) or 4 (N, C, H, W) dimensions, got shape {tuple(input.shape)}")
+    return (input.unsqueeze(0), True) if input.dim() == 3 else (input, False)
+
+
+def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False) -> Tensor:
+    """As torch.nn.functional.max_pool2d; the backward is deterministic (no atomics)."""
+    x, unbatched = _batched(input)
+    p = pool_params(x, kernel_size, stride, padding, dilation, ceil_mode)
+    out, _ = torch.ops.fastcnn.max_pool2d(x, list(p.kernel), list(p.stride), list(p.padding), list(p.dilation),
+                                          p.ceil_mode)
+    return out.squeeze(0) if unbatched else out
+
+
+def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
+               count_include_pad: bool = True) -> Tensor:
+    """As torch.nn.functional.avg_pool2d (without divisor_override)."""
+    x, unbatched = _batched(input)
+    p = pool_params(x, kernel_size, stride, padding, 1, ceil_mode)
+    if not isinstance(count_include_pad, bool):
+        raise TypeError(f"count_include_pad must be a bool, got {count_include_pad!r}")
+    out = torch.ops.fastcnn.avg_pool2d(x, list(p.kernel), list(p.stride), list(p.padding), p.ceil_mode,
+                                       count_include_pad)
+    return out.squeeze(0) if unbatched else out
+
+
+def global_avg_pool2d(input: Tensor) -> Tensor:
+    """Mean over H and W: torch.nn.functional.adaptive_avg_pool2d(input, 1)."""
+    x, unbatched = _batched(input)
+    out = torch.ops.fastcnn.global_avg_pool2d(x)
+    return out.squeeze(0) if unbatched else out
