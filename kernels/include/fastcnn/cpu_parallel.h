@@ -1,16 +1,25 @@
 // Threading and instruction-set dispatch for the CPU kernels.
 #pragma once
-#include <cstdint>
 #include <omp.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <string>
 
 namespace fastcnn {
 
 // The AVX2 variant of a kernel may only run where the CPU has AVX2 and FMA;
 // the base variant is plain x86-64 (SSE2), so the module never traps.
+// FASTCNN_CPU_ISA=base forces the base variant (the tests run it that way too).
 inline bool cpu_has_avx2() {
 #if defined(__x86_64__) || defined(__i386__)
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                          __builtin_cpu_supports("f16c");
+  static const bool has = [] {
+    const char* forced = std::getenv("FASTCNN_CPU_ISA");
+    if (forced != nullptr && std::string(forced) == "base") return false;
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c");
+  }();
   return has;
 #else
   return false;

@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# One run on a machine with an NVIDIA GPU: build fastcnn._cuda, run the GPU tests
+# and the quick benchmark, and leave results.json, results.md and logs in the
+# folder given as $1. That machine has no network and already has torch, Triton,
+# pybind11, pytest and pytest-benchmark, so nothing is downloaded.
+# Budget: under 6 minutes in total.
+set -uo pipefail
+OUT_DIR="${1:?usage: benches/device_check.sh OUTPUT_DIR}"
+mkdir -p "$OUT_DIR"
+PY="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+status=0
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT_DIR/gpu.txt"
+
+echo "== build (nvcc required)"
+if ! FASTCNN_CUDA=1 timeout 240 "$PY" -m pip install --no-build-isolation --no-deps -q -e . \
+    >"$OUT_DIR/build.log" 2>&1; then
+  tail -30 "$OUT_DIR/build.log"; echo "BUILD FAILED"; exit 1
+fi
+"$PY" -c "import fastcnn, fastcnn._cuda as c; print('backends:', fastcnn.available_backends('cuda'), 'devices:', c.device_count())"
+
+echo "== GPU tests"
+# Only the tests that run on CUDA (the CPU ones ran in CI already).
+timeout 150 "$PY" -m pytest tests -q -x -k "cuda or compile" -p no:cacheprovider \
+  --junitxml="$OUT_DIR/tests.xml" >"$OUT_DIR/tests.log" 2>&1 || status=1
+tail -5 "$OUT_DIR/tests.log"
+
+echo "== quick benchmark"
+timeout 120 "$PY" -m fastcnn bench --quick --json "$OUT_DIR/results.json" --markdown "$OUT_DIR/results.md" \
+  >"$OUT_DIR/bench.log" 2>&1 || status=1
+echo
+cat "$OUT_DIR/results.md" 2>/dev/null || tail -20 "$OUT_DIR/bench.log"
+exit $status
