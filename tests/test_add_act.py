@@ -33,7 +33,7 @@ def test_forward_backward(backend_device, layout, shape, dtype, act):
 
     grad = make_input(shape, dtype, device)
     out.backward(grad)
-    expected_grad = torch.where(expected > 0, grad, 0) if act == "relu" else grad
+    expected_grad = torch.where(expected <= 0, 0, grad) if act == "relu" else grad
     assert_close(a.grad, expected_grad)
     assert_close(b.grad, expected_grad)
 
@@ -44,7 +44,15 @@ def test_nan_propagates(backend_device):
     b = torch.randn(2, 3, 4, 4, device=device)
     a[0, 1, 2, 3] = float("nan")
     b[1, 0, 0, 0] = float("-inf")
-    assert_close(F.add_act(a, b), torch.relu(a + b), equal_nan=True)
+    a.requires_grad_(True)
+    ref_a = a.detach().clone().requires_grad_(True)
+    out = F.add_act(a, b)
+    expected = torch.relu(ref_a + b)
+    assert_close(out, expected, equal_nan=True)
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    expected.backward(grad)
+    assert_close(a.grad, ref_a.grad, equal_nan=True)
 
 
 def test_empty_batch(backend_device):
@@ -83,12 +91,14 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.fastcnn.add_act_backward, (grad, out, "relu"))
 
 
-def test_compile_fullgraph():
+def test_compile_fullgraph(backend_device):
+    _, device = backend_device
+
     def block(x, y):
         return F.add_act(x * 2, y, "relu") - 1
 
-    a = torch.randn(2, 8, 6, 6, requires_grad=True)
-    b = torch.randn(2, 8, 6, 6)
+    a = torch.randn(2, 8, 6, 6, device=device, requires_grad=True)
+    b = torch.randn(2, 8, 6, 6, device=device)
     compiled = torch.compile(block, fullgraph=True)
     out = compiled(a, b)
     assert_close(out, block(a, b))

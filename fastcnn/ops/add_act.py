@@ -70,7 +70,7 @@ def _(a, b, act="relu"):
 # --- backward: grad_in = grad * act'(out)
 
 def _torch_add_act_backward(grad, out, grad_in, act):
-    grad_in.copy_(torch.where(out > 0, grad, torch.zeros_like(grad)) if act == "relu" else grad)
+    grad_in.copy_(torch.ops.aten.threshold_backward(grad, out, 0) if act == "relu" else grad)
 
 
 def _cpu_add_act_backward(grad, out, grad_in, act):

@@ -36,7 +36,7 @@ def apply_act(v, ACT: tl.constexpr):
 @triton.jit
 def act_grad_from_output(grad, y, ACT: tl.constexpr):
     if ACT == 1:
-        grad = tl.where(y > 0, grad, 0.0).to(grad.dtype)
+        grad = tl.where(y <= 0, 0.0, grad).to(grad.dtype)  # NaN output passes grad, as in torch
     elif ACT == 2:
         grad = grad * (1.0 - y * y)
     elif ACT == 3:

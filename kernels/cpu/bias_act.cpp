@@ -3,6 +3,8 @@
 #include "bias_act.h"
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "fastcnn/cpu_parallel.h"
@@ -12,6 +14,66 @@ namespace fastcnn::cpu {
 namespace {
 
 constexpr int64_t kGrain = 32768;
+
+// tanh and sigmoid for float as plain arithmetic so that the loops vectorise
+// (std::tanh and std::exp do not), within a few ulp of std's (Cephes polynomials).
+// Selects are integer blends: with -ftrapping-math (the default) GCC sinks the
+// arms of a float ?: into branches and then refuses to vectorise the loop.
+// float64 keeps std's functions.
+FASTCNN_ALWAYS_INLINE uint32_t bits_of(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return b;
+}
+FASTCNN_ALWAYS_INLINE float float_of(uint32_t b) {
+  float f;
+  std::memcpy(&f, &b, 4);
+  return f;
+}
+FASTCNN_ALWAYS_INLINE float select(bool c, float a, float b) {
+  const uint32_t m = 0u - uint32_t(c);
+  return float_of((bits_of(a) & m) | (bits_of(b) & ~m));
+}
+
+// exp(-a) for a >= 0 given with its sign bit clear; a > 87 (NaN too) gives exp(-87).
+FASTCNN_ALWAYS_INLINE float exp_neg(float a) {
+  float x = -float_of(std::min(bits_of(a), 0x42ae0000u));  // 87.0f; keeps 2^n normal
+  // Adding 1.5 * 2^23 rounds x / ln 2 to the integer n and leaves n in the low
+  // mantissa bits (a float-to-int conversion would not vectorise on SSE2).
+  const float shifted = x * 1.44269504088896341f + 12582912.0f;
+  const float n = shifted - 12582912.0f;
+  x = x - n * 0.693359375f + n * 2.12194440e-4f;  // ln 2 in two parts
+  const float p = ((((1.9875691500e-4f * x + 1.3981999507e-3f) * x + 8.3334519073e-3f) * x +
+                    4.1665795894e-2f) * x + 1.6666665459e-1f) * x + 5.0000001201e-1f;
+  const float y = p * (x * x) + x + 1.0f;
+  return y * float_of((bits_of(shifted) - 0x4b400000u + 127u) << 23);  // times 2^n
+}
+
+FASTCNN_ALWAYS_INLINE float tanh_float(float v) {
+  const uint32_t sign = bits_of(v) & 0x80000000u;
+  const float a = float_of(bits_of(v) ^ sign);
+  const float z = v * v;
+  const float small = ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z +
+                        1.33314422036e-1f) * z - 3.33332819422e-1f) * z * v + v;
+  const float e = exp_neg(2.0f * a);
+  const float large = float_of(bits_of((1.0f - e) / (1.0f + e)) | sign);
+  return select(v != v, v, select(a < 0.625f, small, large));
+}
+
+// e / (1 + e) with e = exp(-|v|) for v < 0, 1 / (1 + e) otherwise: no overflow.
+FASTCNN_ALWAYS_INLINE float sigmoid_float(float v) {
+  const uint32_t sign = bits_of(v) & 0x80000000u;
+  const float e = exp_neg(float_of(bits_of(v) ^ sign));
+  const float r = select(sign != 0u, e, 1.0f) / (1.0f + e);
+  return select(v != v, v, r);
+}
+
+template <class F> FASTCNN_ALWAYS_INLINE F act_value(F v, Act act) { return apply_act(v, act); }
+template <> FASTCNN_ALWAYS_INLINE float act_value<float>(float v, Act act) {
+  if (act == Act::tanh) return tanh_float(v);
+  if (act == Act::sigmoid) return sigmoid_float(v);
+  return apply_act(v, act);
+}
 
 // Written so that a NaN output passes the gradient, as torch's threshold_backward does.
 template <class F> FASTCNN_ALWAYS_INLINE F grad_from_output(F grad, F y, Act act) {
@@ -33,7 +95,7 @@ FASTCNN_ALWAYS_INLINE void bias_act_range(const T* x, const acc_t<T>* bias, T* o
       const T* xs = x + i;
       const F* bs = bias + c;
       T* os = out + i;
-      for (int64_t k = 0; k < len; ++k) store(os, k, apply_act(load(xs, k) + bs[k], Act(A)));
+      for (int64_t k = 0; k < len; ++k) store(os, k, act_value(load(xs, k) + bs[k], Act(A)));
       i += len;
       c = 0;
     }
@@ -46,7 +108,7 @@ FASTCNN_ALWAYS_INLINE void bias_act_range(const T* x, const acc_t<T>* bias, T* o
       const F b = bias[c];
       const T* xs = x + i;
       T* os = out + i;
-      for (int64_t k = 0; k < len; ++k) store(os, k, apply_act(load(xs, k) + b, Act(A)));
+      for (int64_t k = 0; k < len; ++k) store(os, k, act_value(load(xs, k) + b, Act(A)));
       i += len;
       j = 0;
       if (++c == channels) c = 0;

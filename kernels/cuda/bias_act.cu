@@ -20,32 +20,62 @@ template <class F> __device__ __forceinline__ F grad_from_output(F grad, F y, in
   return dact_grad_from_output<F>(grad, y, act);
 }
 
-// I is uint32_t when every index fits, which makes the channel division cheap.
-template <class T, class I>
+// n / d by a multiply and a shift, for n < 2^31 (Granlund and Montgomery, as in
+// CUTLASS's FastDivmod): a hardware integer division per element would cost more
+// than the memory traffic.
+struct Div32 {
+  using index = uint32_t;
+  uint32_t d, mul = 0, shift = 0;
+  explicit Div32(int64_t divisor) : d(uint32_t(divisor)) {
+    if (d > 1) {
+      uint32_t log2_ceil = 0;
+      while ((uint64_t(1) << log2_ceil) < d) ++log2_ceil;
+      mul = uint32_t(((uint64_t(1) << (31 + log2_ceil)) + d - 1) / d);
+      shift = log2_ceil - 1;
+    }
+  }
+  __device__ __forceinline__ uint32_t operator()(uint32_t n) const {
+    return d == 1 ? n : __umulhi(n, mul) >> shift;
+  }
+};
+
+// Indices of 2^31 elements and more.
+struct Div64 {
+  using index = int64_t;
+  int64_t d;
+  explicit Div64(int64_t divisor) : d(divisor) {}
+  __device__ __forceinline__ int64_t operator()(int64_t n) const { return n / d; }
+};
+
+template <class T, class Div>
 __global__ void bias_act_kernel(const T* __restrict__ x, const T* __restrict__ bias, T* __restrict__ out,
-                                I n, I channels, I inner, int act) {
+                                typename Div::index n, Div inner, Div channels, int act) {
   using F = dacc_t<T>;
+  using I = typename Div::index;
   for (I i = I(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += I(gridDim.x) * blockDim.x) {
-    const I c = (i / inner) % channels;
+    const I plane = inner(i);
+    const I c = plane - channels(plane) * I(channels.d);
     dstore(out, i, dapply_act<F>(dload(x, i) + dload(bias, c), act));
   }
 }
 
 // inner > 1: block b handles channel b / splits over its elements
 // k = o * inner + j in split b % splits, then a fixed-shape tree sum.
-template <class T, class I>
+template <class T, class Div>
 __global__ void backward_planes_kernel(const T* __restrict__ grad, const T* __restrict__ out,
-                                       T* __restrict__ grad_x, dacc_t<T>* __restrict__ partial, I channels,
-                                       I inner, I per_channel, I split_len, I splits, int act) {
+                                       T* __restrict__ grad_x, dacc_t<T>* __restrict__ partial,
+                                       typename Div::index channels, Div inner, typename Div::index per_channel,
+                                       typename Div::index split_len, typename Div::index splits, int act) {
   using F = dacc_t<T>;
+  using I = typename Div::index;
   __shared__ F sums[kThreads];
   const I c = I(blockIdx.x) / splits, s = I(blockIdx.x) % splits;
   const I k0 = s * split_len;
   const I k1 = per_channel - k0 < split_len ? per_channel : k0 + split_len;
   F acc = F(0);
   for (I k = k0 + threadIdx.x; k < k1; k += kThreads) {
-    const I o = k / inner;
-    const I i = (o * channels + c) * inner + (k - o * inner);
+    const I o = inner(k);
+    const I i = (o * channels + c) * I(inner.d) + (k - o * I(inner.d));
     const F g = grad_from_output<F>(dload(grad, i), dload(out, i), act);
     dstore(grad_x, i, g);
     acc += g;
@@ -127,13 +157,13 @@ int bias_act(const void* x, const void* bias, void* out, int64_t n, int64_t chan
     using T = decltype(tag);
     const auto grid = grid_for(n, kThreads);
     const auto s = cudaStream_t(stream);
+    const auto* xs = static_cast<const T*>(x);
+    const auto* b = static_cast<const T*>(bias);
+    auto* o = static_cast<T*>(out);
     if (fits_u32(n)) {
-      bias_act_kernel<T, uint32_t><<<grid, kThreads, 0, s>>>(
-          static_cast<const T*>(x), static_cast<const T*>(bias), static_cast<T*>(out), uint32_t(n),
-          uint32_t(channels), uint32_t(inner), act);
+      bias_act_kernel<T, Div32><<<grid, kThreads, 0, s>>>(xs, b, o, uint32_t(n), Div32(inner), Div32(channels), act);
     } else {
-      bias_act_kernel<T, int64_t><<<grid, kThreads, 0, s>>>(static_cast<const T*>(x), static_cast<const T*>(bias),
-                                                            static_cast<T*>(out), n, channels, inner, act);
+      bias_act_kernel<T, Div64><<<grid, kThreads, 0, s>>>(xs, b, o, n, Div64(inner), Div64(channels), act);
     }
     return int(cudaGetLastError());
   });
@@ -172,12 +202,12 @@ int bias_act_backward(const void* grad, const void* out, void* grad_x, void* gra
       } else {
         const auto blocks = unsigned(channels * sp.splits);
         if (fits_u32(n)) {
-          backward_planes_kernel<T, uint32_t><<<blocks, kThreads, 0, st>>>(
-              g, y, gx, partial, uint32_t(channels), uint32_t(inner), uint32_t(per_channel), uint32_t(sp.len),
+          backward_planes_kernel<T, Div32><<<blocks, kThreads, 0, st>>>(
+              g, y, gx, partial, uint32_t(channels), Div32(inner), uint32_t(per_channel), uint32_t(sp.len),
               uint32_t(sp.splits), act);
         } else {
-          backward_planes_kernel<T, int64_t><<<blocks, kThreads, 0, st>>>(
-              g, y, gx, partial, channels, inner, per_channel, sp.len, sp.splits, act);
+          backward_planes_kernel<T, Div64><<<blocks, kThreads, 0, st>>>(
+              g, y, gx, partial, channels, Div64(inner), per_channel, sp.len, sp.splits, act);
         }
       }
       const int err = int(cudaGetLastError());

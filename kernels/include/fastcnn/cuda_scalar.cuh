@@ -39,7 +39,7 @@ template <class F> __device__ __forceinline__ F dapply_act(F v, int act) {
 
 template <class F> __device__ __forceinline__ F dact_grad_from_output(F grad, F y, int act) {
   switch (Act(act)) {
-    case Act::relu: return y > F(0) ? grad : F(0);
+    case Act::relu: return y <= F(0) ? F(0) : grad;  // NaN output passes grad, as torch does
     case Act::tanh: return grad * (F(1) - y * y);
     case Act::sigmoid: return grad * y * (F(1) - y);
     default: return grad;

@@ -104,7 +104,7 @@ template <class F> inline F apply_act(F v, Act act) {
 // Derivative of the activation written in terms of its output y.
 template <class F> inline F act_grad_from_output(F grad, F y, Act act) {
   switch (act) {
-    case Act::relu: return y > F(0) ? grad : F(0);
+    case Act::relu: return y <= F(0) ? F(0) : grad;  // NaN output passes grad, as torch does
     case Act::tanh: return grad * (F(1) - y * y);
     case Act::sigmoid: return grad * y * (F(1) - y);
     default: return grad;
