@@ -34,6 +34,11 @@ def sources(folder: str, pattern: str) -> list[str]:
     return sorted(str(p.relative_to(ROOT)) for p in (ROOT / folder).glob(pattern))
 
 
+def kernel_headers() -> list[str]:
+    """Every header under kernels/ (.h and .cuh): a change to one rebuilds what includes it."""
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "kernels").rglob("*.h*"))
+
+
 def find_nvcc() -> str | None:
     nvcc = shutil.which("nvcc")
     if nvcc is None:
@@ -75,8 +80,7 @@ class BuildExt(build_ext):
         nvcc = ext.nvcc
         obj_dir = Path(self.build_temp) / "cuda"
         obj_dir.mkdir(parents=True, exist_ok=True)
-        headers = list((ROOT / INCLUDE).rglob("*.h"))
-        newest_header = max((h.stat().st_mtime for h in headers), default=0)
+        newest_header = max((Path(h).stat().st_mtime for h in kernel_headers()), default=0)
         for src in ext.cuda_sources:
             obj = obj_dir / (Path(src).stem + ".o")
             src_time = max((ROOT / src).stat().st_mtime, newest_header)
@@ -96,6 +100,7 @@ def extensions():
         include_dirs=[INCLUDE],
         extra_compile_args=["-O3", "-fopenmp", "-fno-math-errno"],
         extra_link_args=["-fopenmp"],
+        depends=kernel_headers(),
         cxx_std=17,
     )
     exts = [cpu]
@@ -116,6 +121,8 @@ def extensions():
         )
         cuda.nvcc = nvcc
         cuda.cuda_sources = sources("kernels/cuda", ".cu")
+        # Relink when a .cu or a header changes, not only when a binding does.
+        cuda.depends = [*cuda.cuda_sources, *kernel_headers()]
         exts.append(cuda)
     return exts
 

@@ -14,6 +14,7 @@ from torch import Tensor
 
 from fastcnn import _native, backends
 from fastcnn.ops.checks import check_act, check_matches, check_tensor
+from fastcnn.ops.launch import backend_table
 from fastcnn.ops.layout import dense_in, memory_format_of, new_like
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
 
@@ -48,7 +49,8 @@ def _triton_add_act(a, b, out, act):
     kernels.add_act(a, b, out, act)
 
 
-FORWARD = {"torch": _torch_add_act, "cpu": _cpu_add_act, "cuda": _cuda_add_act, "triton": _triton_add_act}
+FORWARD = backend_table(torch=_torch_add_act, cpu=_cpu_add_act, cuda=_cuda_add_act,
+                        triton=_triton_add_act)
 
 
 @torch.library.custom_op("fastcnn::add_act", mutates_args=())
@@ -89,8 +91,8 @@ def _triton_add_act_backward(grad, out, grad_in, act):
     kernels.add_act_backward(grad, out, grad_in, act)
 
 
-BACKWARD = {"torch": _torch_add_act_backward, "cpu": _cpu_add_act_backward, "cuda": _cuda_add_act_backward,
-            "triton": _triton_add_act_backward}
+BACKWARD = backend_table(torch=_torch_add_act_backward, cpu=_cpu_add_act_backward, cuda=_cuda_add_act_backward,
+                         triton=_triton_add_act_backward)
 
 
 def check_add_act_backward(grad, out, act) -> None:

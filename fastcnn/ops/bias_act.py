@@ -22,6 +22,7 @@ from torch import Tensor
 
 from fastcnn import _native, backends
 from fastcnn.ops.checks import check_act, check_matches, check_tensor
+from fastcnn.ops.launch import backend_table
 from fastcnn.ops.layout import dense_in, memory_format_of, new_like
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
 
@@ -81,7 +82,8 @@ def _triton_bias_act(x, bias, out, act):
     kernels.bias_act(x, bias, out, channels, inner, act)
 
 
-FORWARD = {"torch": _torch_bias_act, "cpu": _cpu_bias_act, "cuda": _cuda_bias_act, "triton": _triton_bias_act}
+FORWARD = backend_table(torch=_torch_bias_act, cpu=_cpu_bias_act, cuda=_cuda_bias_act,
+                        triton=_triton_bias_act)
 
 
 def _run_forward(launch, x: Tensor, bias: Tensor, act) -> Tensor:
@@ -144,8 +146,8 @@ def _triton_bias_act_backward(grad, out, grad_x, grad_bias, act):
     kernels.bias_act_backward(grad, out, grad_x, grad_bias, channels, inner, act)
 
 
-BACKWARD = {"torch": _torch_bias_act_backward, "cpu": _cpu_bias_act_backward, "cuda": _cuda_bias_act_backward,
-            "triton": _triton_bias_act_backward}
+BACKWARD = backend_table(torch=_torch_bias_act_backward, cpu=_cpu_bias_act_backward, cuda=_cuda_bias_act_backward,
+                         triton=_triton_bias_act_backward)
 
 
 def check_bias_act_backward(grad, out, act) -> None:

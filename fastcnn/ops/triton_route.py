@@ -17,8 +17,12 @@ from fastcnn import backends
 
 def route_to_triton_when_compiled(op_def, triton_op_def) -> None:
     def functional_rule(mode, op, types, args, kwargs):
+        from torch.export._trace import custom_triton_ops_decomposition_disabled
+
         first = args[0]
-        if (isinstance(first, torch.Tensor) and first.device.type == "cuda"
+        # torch.export keeps ops whole (Triton kernels do not serialise), as triton_op does.
+        if (not custom_triton_ops_decomposition_disabled()
+                and isinstance(first, torch.Tensor) and first.device.type == "cuda"
                 and backends.resolve(first.device) == "triton"):
             with mode:
                 return triton_op_def(*args, **kwargs)

@@ -1,6 +1,29 @@
-// Placeholder until the max_pool2d kernels land: registers nothing yet.
+#include <vector>
+
+#include "../cuda/max_pool2d.h"
 #include "fastcnn/bindings.h"
 
+namespace py = pybind11;
+
 namespace fastcnn::bindings {
-void bind_cuda_max_pool2d(pybind11::module_&) {}
+void bind_cuda_max_pool2d(py::module_& m) {
+  m.def("max_pool2d", [](uintptr_t input, uintptr_t out, uintptr_t indices, const std::vector<int64_t>& geometry,
+                         int dtype, uintptr_t stream) {
+    require_device();
+    const Pool2dGeometry g = pool_geometry_from_list(geometry);
+    py::gil_scoped_release nogil;
+    check_cuda(cuda::max_pool2d(in_ptr(input), out_ptr(out), static_cast<int64_t*>(out_ptr(indices)), g, dtype,
+                                stream_ptr(stream)),
+               "max_pool2d");
+  });
+  m.def("max_pool2d_backward", [](uintptr_t grad_out, uintptr_t indices, uintptr_t grad_in,
+                                  const std::vector<int64_t>& geometry, int dtype, uintptr_t stream) {
+    require_device();
+    const Pool2dGeometry g = pool_geometry_from_list(geometry);
+    py::gil_scoped_release nogil;
+    check_cuda(cuda::max_pool2d_backward(in_ptr(grad_out), static_cast<const int64_t*>(in_ptr(indices)),
+                                         out_ptr(grad_in), g, dtype, stream_ptr(stream)),
+               "max_pool2d_backward");
+  });
+}
 }  // namespace fastcnn::bindings

@@ -1,0 +1,51 @@
+"""How an op calls its backends' launchers.
+
+- CUDA and Triton launches run under the tensors' device, so that tensors on
+  cuda:1 are not launched into cuda:0's context (custom ops set no device guard).
+- Eager Triton launches turn off torch's `wrap_triton` tracing wrapper: outside a
+  `triton_op` it routes every call through a higher-order op, which costs time
+  and keeps an entry per call in its side table. The `*_triton` twins that
+  torch.compile traces call the launchers unwrapped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+try:
+    from torch._library.triton import set_wrap_triton_enabled
+except ImportError:  # older torch: wrap_triton always launches directly
+    def set_wrap_triton_enabled(enabled: bool):
+        return contextlib.nullcontext()
+
+
+def _device_of(args) -> torch.device | None:
+    return next((a.device for a in args if isinstance(a, torch.Tensor)), None)
+
+
+def _on_tensor_device(launch):
+    @functools.wraps(launch)
+    def run(*args):
+        device = _device_of(args)
+        guard = torch.cuda.device(device) if device is not None and device.type == "cuda" else contextlib.nullcontext()
+        with guard:
+            return launch(*args)
+    return run
+
+
+def _eager_triton(launch):
+    on_device = _on_tensor_device(launch)
+
+    @functools.wraps(launch)
+    def run(*args):
+        with set_wrap_triton_enabled(False):
+            return on_device(*args)
+    return run
+
+
+def backend_table(*, torch, cpu, cuda, triton) -> dict:
+    """The launcher per backend name, each wrapped as its backend needs."""
+    return {"torch": torch, "cpu": cpu, "cuda": _on_tensor_device(cuda), "triton": _eager_triton(triton)}

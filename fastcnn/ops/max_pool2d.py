@@ -1,0 +1,204 @@
+"""fastcnn::max_pool2d: max pooling returning (output, indices), as torch's
+max_pool2d_with_indices: indices are int64, flat h * W + w within each plane.
+
+NaN semantics as PyTorch: a window's max starts at -inf with the index of its
+first in-bounds position, and an element replaces it if greater or NaN (the first
+max wins ties, the last NaN wins). Both outputs follow the input's layout.
+Backward: fastcnn::max_pool2d_backward sends each gradient to its index. It is
+deterministic on every backend, and adds in ascending output order as PyTorch
+does: the CPU kernel scatters with each part of grad_input (a plane, or an
+image's block of channels) owned by one thread; the CUDA and Triton kernels
+gather (each grad_input element sums the windows that picked it), no atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastcnn import _native, backends
+from fastcnn.ops.checks import check_matches, check_tensor
+from fastcnn.ops.launch import backend_table
+from fastcnn.ops.layout import dense_in, memory_format_of, new_like
+from fastcnn.ops.pool_geometry import PoolParams, geometry, pool_params
+from fastcnn.ops.triton_route import route_to_triton_when_compiled
+
+_WINDOW = "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode"
+FORWARD_SCHEMA = f"(Tensor input, {_WINDOW}) -> (Tensor, Tensor)"
+BACKWARD_SCHEMA = f"(Tensor grad_output, Tensor indices, Tensor input, {_WINDOW}) -> Tensor"
+
+
+def check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode) -> PoolParams:
+    check_tensor("input", input, ndim=4)
+    if any(size == 0 for size in input.shape[1:]):
+        raise ValueError(f"input must have non-zero channels, height and width, got shape {tuple(input.shape)}")
+    return pool_params(input, kernel_size, stride, padding, dilation, ceil_mode)
+
+
+def _output_shape(input: Tensor, params: PoolParams) -> tuple:
+    return (input.shape[0], input.shape[1], *params.output_hw(input.shape[2], input.shape[3]))
+
+
+def _new_outputs(input: Tensor, params: PoolParams) -> tuple[Tensor, Tensor]:
+    shape = _output_shape(input, params)
+    return new_like(input, shape), new_like(input, shape, dtype=torch.int64)
+
+
+# --- forward kernels, one per backend: (input, out, indices, params); input may
+# have any strides, out and indices are dense in the input's layout
+
+def _torch_max_pool2d(input, out, indices, p):
+    values, where = torch.nn.functional.max_pool2d(input, p.kernel, p.stride, p.padding, p.dilation,
+                                                   ceil_mode=p.ceil_mode, return_indices=True)
+    out.copy_(values)
+    indices.copy_(where)
+
+
+def _cpu_max_pool2d(input, out, indices, p):
+    _native.load("_cpu").max_pool2d(input.data_ptr(), out.data_ptr(), indices.data_ptr(), geometry(p, input, out),
+                                    _native.dtype_code(out))
+
+
+def _cuda_max_pool2d(input, out, indices, p):
+    _native.load("_cuda").max_pool2d(input.data_ptr(), out.data_ptr(), indices.data_ptr(),
+                                     geometry(p, input, out), _native.dtype_code(out), _native.stream_of(out))
+
+
+def _triton_max_pool2d(input, out, indices, p):
+    from fastcnn.triton import max_pool2d as kernels
+    kernels.max_pool2d(input, out, indices, geometry(p, input, out))
+
+
+FORWARD = backend_table(torch=_torch_max_pool2d, cpu=_cpu_max_pool2d, cuda=_cuda_max_pool2d,
+                        triton=_triton_max_pool2d)
+
+
+@torch.library.custom_op("fastcnn::max_pool2d", mutates_args=(), schema=FORWARD_SCHEMA)
+def max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
+    params = check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
+    out, indices = _new_outputs(input, params)
+    if out.numel():
+        FORWARD[backends.resolve(input.device)](input, out, indices, params)
+    return out, indices
+
+
+@max_pool2d.register_fake
+def _(input, kernel_size, stride, padding, dilation, ceil_mode):
+    return _new_outputs(input, check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode))
+
+
+# --- backward: grad_input[index] += grad_output, launchers (grad_output, indices,
+# grad_input, params), grad_output and indices dense in grad_input's layout
+
+def _torch_max_pool2d_backward(grad_output, indices, grad_input, p):
+    # aten reads only the sizes and layout of its `self` argument: grad_input stands in for input.
+    grad_input.copy_(torch.ops.aten.max_pool2d_with_indices_backward(
+        grad_output, grad_input, list(p.kernel), list(p.stride), list(p.padding), list(p.dilation), p.ceil_mode,
+        indices))
+
+
+def _cpu_max_pool2d_backward(grad_output, indices, grad_input, p):
+    _native.load("_cpu").max_pool2d_backward(grad_output.data_ptr(), indices.data_ptr(), grad_input.data_ptr(),
+                                             geometry(p, grad_input, grad_output), _native.dtype_code(grad_input))
+
+
+def _cuda_max_pool2d_backward(grad_output, indices, grad_input, p):
+    _native.load("_cuda").max_pool2d_backward(grad_output.data_ptr(), indices.data_ptr(), grad_input.data_ptr(),
+                                              geometry(p, grad_input, grad_output), _native.dtype_code(grad_input),
+                                              _native.stream_of(grad_input))
+
+
+def _triton_max_pool2d_backward(grad_output, indices, grad_input, p):
+    from fastcnn.triton import max_pool2d as kernels
+    kernels.max_pool2d_backward(grad_output, indices, grad_input, geometry(p, grad_input, grad_output))
+
+
+BACKWARD = backend_table(torch=_torch_max_pool2d_backward, cpu=_cpu_max_pool2d_backward, cuda=_cuda_max_pool2d_backward,
+                         triton=_triton_max_pool2d_backward)
+
+
+def check_max_pool2d_backward(grad_output, indices, input, kernel_size, stride, padding, dilation,
+                              ceil_mode) -> PoolParams:
+    params = check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
+    check_tensor("grad_output", grad_output, ndim=4)
+    check_matches("grad_output", grad_output, "input", input, shape=False)
+    expected = _output_shape(input, params)
+    if tuple(grad_output.shape) != expected:
+        raise ValueError(f"grad_output has shape {tuple(grad_output.shape)} but the pooled output has {expected}")
+    if not isinstance(indices, Tensor):
+        raise TypeError(f"indices must be a torch.Tensor, got {type(indices).__name__}")
+    if indices.dtype != torch.int64:
+        raise TypeError(f"indices must be int64, got {indices.dtype}")
+    if indices.device != input.device:
+        raise ValueError(f"indices is on {indices.device} but input is on {input.device}")
+    if tuple(indices.shape) != expected:
+        raise ValueError(f"indices has shape {tuple(indices.shape)} but the pooled output has {expected}")
+    return params
+
+
+def _backward_into(grad_output, indices, grad_input, params, launchers) -> None:
+    if grad_input.numel():
+        fmt = memory_format_of(grad_input)
+        launchers(dense_in(grad_output, fmt), dense_in(indices, fmt), grad_input, params)
+
+
+@torch.library.custom_op("fastcnn::max_pool2d_backward", mutates_args=(), schema=BACKWARD_SCHEMA)
+def max_pool2d_backward(grad_output, indices, input, kernel_size, stride, padding, dilation, ceil_mode):
+    params = check_max_pool2d_backward(grad_output, indices, input, kernel_size, stride, padding, dilation,
+                                       ceil_mode)
+    grad_input = new_like(input)
+    _backward_into(grad_output, indices, grad_input, params, BACKWARD[backends.resolve(input.device)])
+    return grad_input
+
+
+@max_pool2d_backward.register_fake
+def _(grad_output, indices, input, kernel_size, stride, padding, dilation, ceil_mode):
+    check_max_pool2d_backward(grad_output, indices, input, kernel_size, stride, padding, dilation, ceil_mode)
+    return new_like(input)
+
+
+def _setup_context(ctx, inputs, output):
+    input, *window = inputs
+    _, indices = output
+    ctx.window = window
+    ctx.mark_non_differentiable(indices)
+    ctx.set_materialize_grads(False)  # else autograd fills a zero gradient for the indices
+    ctx.save_for_backward(input, indices)
+
+
+def _backward(ctx, grad_output, _grad_indices):
+    if grad_output is None:
+        return None, None, None, None, None, None
+    input, indices = ctx.saved_tensors
+    grad_input = torch.ops.fastcnn.max_pool2d_backward(grad_output, indices, input, *ctx.window)
+    return grad_input, None, None, None, None, None
+
+
+max_pool2d.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- Triton twins that torch.compile traces into (see triton_route.py)
+
+# triton_op infers its schema from the annotations (int[] here, where the public ops say int[2]).
+@torch.library.triton_op("fastcnn::max_pool2d_triton", mutates_args=())
+def max_pool2d_triton(input: Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
+                      dilation: list[int], ceil_mode: bool) -> tuple[Tensor, Tensor]:
+    params = pool_params(input, kernel_size, stride, padding, dilation, ceil_mode)
+    out, indices = _new_outputs(input, params)
+    if out.numel():
+        _triton_max_pool2d(input, out, indices, params)
+    return out, indices
+
+
+@torch.library.triton_op("fastcnn::max_pool2d_backward_triton", mutates_args=())
+def max_pool2d_backward_triton(grad_output: Tensor, indices: Tensor, input: Tensor, kernel_size: list[int],
+                               stride: list[int], padding: list[int], dilation: list[int],
+                               ceil_mode: bool) -> Tensor:
+    params = pool_params(input, kernel_size, stride, padding, dilation, ceil_mode)
+    grad_input = new_like(input)
+    _backward_into(grad_output, indices, grad_input, params, _triton_max_pool2d_backward)
+    return grad_input
+
+
+route_to_triton_when_compiled(max_pool2d, max_pool2d_triton)
+route_to_triton_when_compiled(max_pool2d_backward, max_pool2d_backward_triton)
