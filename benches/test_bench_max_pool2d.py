@@ -1,6 +1,9 @@
 """max_pool2d 3x3/2 pad 1 (the ResNet stem's pooling, and the same window on a wider
 activation) against eager F.max_pool2d and its torch.compile, in both layouts:
-the forward alone (inference) and forward + backward (a training step)."""
+the forward alone (inference) and forward + backward (a training step).
+
+Under no_grad fastcnn's functional form keeps no indices (fastcnn::max_pool2d_no_indices);
+the forward group also times the op with indices, as a training forward runs it."""
 
 import pytest
 import torch
@@ -22,6 +25,10 @@ def fastcnn_pool(t):
     return F.max_pool2d(t, 3, 2, 1)
 
 
+def fastcnn_pool_with_indices(t):
+    return torch.ops.fastcnn.max_pool2d(t, [3, 3], [2, 2], [1, 1], [1, 1], False)[0]
+
+
 def group(kind, shape, channels_last):
     return f"max_pool2d 3x3s2p1 {kind} {'x'.join(map(str, shape))} {'channels_last' if channels_last else 'nchw'}"
 
@@ -32,6 +39,17 @@ def test_max_pool2d_forward(benchmark, implementation, shape, channels_last):
     benchmark.group = group("forward", shape, channels_last)
     x = activation(shape, channels_last)
     out = benchmark(pick(implementation, eager_pool, fastcnn_pool), x)
+    torch.testing.assert_close(out, eager_pool(x))
+
+
+@LAYOUTS
+@pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
+def test_max_pool2d_forward_with_indices(benchmark, implementation, shape, channels_last):
+    if implementation in ("eager", "compile"):
+        pytest.skip("timed in test_max_pool2d_forward")
+    benchmark.group = group("forward", shape, channels_last)
+    x = activation(shape, channels_last)
+    out = benchmark(synchronised(fastcnn_pool_with_indices), x)
     torch.testing.assert_close(out, eager_pool(x))
 
 

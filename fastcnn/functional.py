@@ -36,11 +36,15 @@ def _batched(input: Tensor) -> tuple[Tensor, bool]:
 
 
 def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False) -> Tensor:
-    """As torch.nn.functional.max_pool2d; the backward is deterministic (no atomics)."""
+    """As torch.nn.functional.max_pool2d; the backward is deterministic (no atomics).
+    Without a gradient to compute, no indices are kept (half the bytes written)."""
     x, unbatched = _batched(input)
     p = pool_params(x, kernel_size, stride, padding, dilation, ceil_mode)
-    out, _ = torch.ops.fastcnn.max_pool2d(x, list(p.kernel), list(p.stride), list(p.padding), list(p.dilation),
-                                          p.ceil_mode)
+    window = (list(p.kernel), list(p.stride), list(p.padding), list(p.dilation), p.ceil_mode)
+    if torch.is_grad_enabled() and x.requires_grad:
+        out, _ = torch.ops.fastcnn.max_pool2d(x, *window)
+    else:
+        out = torch.ops.fastcnn.max_pool2d_no_indices(x, *window)
     return out.squeeze(0) if unbatched else out
 
 

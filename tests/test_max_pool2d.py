@@ -1,10 +1,12 @@
 """fastcnn::max_pool2d against torch.nn.functional.max_pool2d: values, indices
-(exactly torch's), NaN semantics, layouts and the deterministic backward."""
+(exactly torch's), NaN semantics, layouts and the deterministic backward; and
+fastcnn::max_pool2d_no_indices (inference), checked in the same grids."""
 
 import math
 
 import pytest
 import torch
+import torch._dynamo.testing
 import torch.nn.functional as TF
 
 import fastcnn
@@ -42,6 +44,19 @@ def fastcnn_pool(x, kernel, stride, padding, dilation, ceil_mode):
                                         list(pair(dilation)), ceil_mode)
 
 
+def fastcnn_pool_no_indices(x, kernel, stride, padding, dilation, ceil_mode):
+    return torch.ops.fastcnn.max_pool2d_no_indices(x, list(pair(kernel)), list(pair(stride)), list(pair(padding)),
+                                                   list(pair(dilation)), ceil_mode)
+
+
+def assert_no_indices_matches(x, out, *window):
+    """The inference op gives the indices op's values (bit for bit, NaNs included) in its layout."""
+    values = fastcnn_pool_no_indices(x.detach(), *window)
+    assert torch.equal(values.isnan(), out.isnan())
+    assert torch.equal(values.nan_to_num(), out.detach().nan_to_num())
+    assert values.stride() == out.stride()
+
+
 def windows_per_element(kernel, stride, dilation):
     """Most windows one element can win: the number of terms in its gradient."""
     (kh, kw), (sh, sw) = pair(kernel), pair(stride)
@@ -62,6 +77,7 @@ def test_forward_backward(backend_device, config, layout, dtype):
     assert_close(out, ref_out)
     fmt = memory_format_of(x)
     assert out.is_contiguous(memory_format=fmt) and indices.is_contiguous(memory_format=fmt)
+    assert_no_indices_matches(x, out, kernel, stride, padding, dilation, ceil_mode)
 
     grad = make_input(out.shape, dtype, device, layout)
     out.backward(grad)
@@ -82,6 +98,7 @@ def test_float64(backend_device, config, layout):
                                          return_indices=True)
     assert torch.equal(indices, ref_indices)
     assert torch.equal(out, ref_out)
+    assert_no_indices_matches(x, out, kernel, stride, padding, dilation, ceil_mode)
     grad = make_input(out.shape, torch.float64, device, layout)
     out.backward(grad)
     x_ref = x.detach().clone().requires_grad_(True)
@@ -115,6 +132,8 @@ def test_nan_and_ties(backend_device):
             ref_out, ref_indices = TF.max_pool2d(x, kernel, stride, padding, dilation, return_indices=True)
             assert_close(out, ref_out, equal_nan=True)
             assert torch.equal(indices, ref_indices)
+            assert_close(fastcnn_pool_no_indices(x, kernel, stride, padding, dilation, False), ref_out,
+                         equal_nan=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -134,6 +153,7 @@ def test_nan_and_ties_at_length(backend_device, layout, dtype):
         ref_out, ref_indices = TF.max_pool2d(x, kernel, stride, padding, dilation, return_indices=True)
         assert_close(out, ref_out, equal_nan=True)
         assert torch.equal(indices, ref_indices)
+        assert_close(fastcnn_pool_no_indices(x, kernel, stride, padding, dilation, False), ref_out, equal_nan=True)
 
 
 def test_window_without_taps(backend_device):
@@ -143,6 +163,7 @@ def test_window_without_taps(backend_device):
     out, indices = fastcnn_pool(x, 2, 1, 1, 2, False)
     ref_out, ref_indices = TF.max_pool2d(x.detach(), 2, 1, 1, 2, return_indices=True)
     assert torch.equal(out, ref_out) and torch.equal(indices, ref_indices)
+    assert torch.equal(fastcnn_pool_no_indices(x.detach(), 2, 1, 1, 2, False), ref_out)
     if backend != "torch":  # torch's own backward would write at that index, past the plane
         out.sum().backward()
         assert torch.equal(x.grad, torch.zeros_like(x))
@@ -152,7 +173,7 @@ def test_empty_batch(backend_device):
     _, device = backend_device
     x = torch.randn(0, 3, 8, 8, device=device, requires_grad=True)
     out, indices = fastcnn_pool(x, 3, 2, 1, 1, False)
-    assert out.shape == indices.shape == (0, 3, 4, 4)
+    assert out.shape == indices.shape == fastcnn_pool_no_indices(x.detach(), 3, 2, 1, 1, False).shape == (0, 3, 4, 4)
     out.sum().backward()
     assert x.grad.shape == x.shape
 
@@ -197,6 +218,52 @@ def test_backward_sums_in_torch_order(backend_device, layout, dtype):
     assert torch.equal(x.grad.cpu(), x_cpu.grad)
 
 
+def test_functional_picks_the_op(backend_device):
+    """Without a gradient to compute, functional uses the op without indices; with
+    one, the op with indices, whose backward works."""
+    _, device = backend_device
+    x = make_input((2, 5, 9, 8), torch.float32, device, "channels_last", requires_grad=True)
+    expected = TF.max_pool2d(x.detach(), 3, 2, 1)
+    calls = []
+    with torch.no_grad(), _OpLog(calls):
+        out = F.max_pool2d(x, 3, 2, 1)
+    assert calls == ["fastcnn.max_pool2d_no_indices.default"]
+    assert out.grad_fn is None and torch.equal(out, expected)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    calls.clear()
+    with _OpLog(calls):
+        out = F.max_pool2d(x.detach(), 3, 2, 1)  # no input requires grad
+        assert calls == ["fastcnn.max_pool2d_no_indices.default"]
+        calls.clear()
+        out = F.max_pool2d(x, 3, 2, 1)
+    assert calls == ["fastcnn.max_pool2d.default"]
+    assert out.grad_fn is not None and torch.equal(out.detach(), expected)
+    out.sum().backward()
+    x64 = x.detach().double().requires_grad_(True)
+    TF.max_pool2d(x64, 3, 2, 1).sum().backward()
+    assert_close(x.grad, x64.grad.float(), scale=4)
+
+
+class _OpLog(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the fastcnn ops dispatched while it is active."""
+
+    def __init__(self, calls):
+        super().__init__()
+        self.calls = calls
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "fastcnn":
+            self.calls.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_no_indices_has_no_gradient():
+    x = torch.randn(1, 2, 5, 5, requires_grad=True)
+    out = torch.ops.fastcnn.max_pool2d_no_indices(x, [3, 3], [2, 2], [1, 1], [1, 1], False)
+    with pytest.raises(RuntimeError, match="max_pool2d_no_indices has no gradient"):
+        out.sum().backward()
+
+
 def test_gradcheck():
     x = torch.randn(2, 3, 7, 6, dtype=torch.float64, requires_grad=True)
     for backend in ("cpu", "torch"):  # the Triton interpreter is too slow for gradcheck's many calls
@@ -213,6 +280,11 @@ def test_opcheck():
                           (x.contiguous(memory_format=torch.channels_last), [2, 3], [2, 1], [1, 0], [1, 2], True))
     out, indices = torch.ops.fastcnn.max_pool2d(x.detach(), *window)
     torch.library.opcheck(torch.ops.fastcnn.max_pool2d_backward, (torch.randn_like(out), indices, x.detach(), *window))
+    # No gradient: checked on inputs that do not require one.
+    torch.library.opcheck(torch.ops.fastcnn.max_pool2d_no_indices, (x.detach(), *window))
+    torch.library.opcheck(torch.ops.fastcnn.max_pool2d_no_indices,
+                          (x.detach().contiguous(memory_format=torch.channels_last), [2, 3], [2, 1], [1, 0], [1, 2],
+                           True))
 
 
 def test_compile_fullgraph():
@@ -227,6 +299,21 @@ def test_compile_fullgraph():
     x64 = x.detach().double().requires_grad_(True)
     TF.max_pool2d(x64 * 2, 3, 2, 1).sum().backward()
     assert_close(x.grad, x64.grad.float(), scale=4)
+
+
+def test_compile_fullgraph_inference():
+    """Under no_grad the compiled graph holds the op without indices."""
+    def block(x):
+        return F.max_pool2d(x * 2, 3, 2, 1) + 1
+
+    x = torch.randn(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(block, fullgraph=True, backend=counter)
+    with torch.no_grad():
+        out = compiled(x)
+    assert_close(out, TF.max_pool2d(x * 2, 3, 2, 1) + 1)
+    graph_ops = {str(node.target) for node in counter.graphs[0].graph.nodes}  # Dynamo's graph: op packets
+    assert "fastcnn.max_pool2d_no_indices" in graph_ops and "fastcnn.max_pool2d" not in graph_ops
 
 
 @pytest.mark.parametrize("return_indices", [False, True])
@@ -285,6 +372,10 @@ def test_bad_op_input():
     x = torch.randn(2, 3, 8, 8)
     with pytest.raises(ValueError, match="input must have non-zero"):
         torch.ops.fastcnn.max_pool2d(torch.randn(2, 0, 8, 8), *window)
+    with pytest.raises(ValueError, match="input must have non-zero"):
+        torch.ops.fastcnn.max_pool2d_no_indices(torch.randn(2, 0, 8, 8), *window)
+    with pytest.raises(ValueError, match="stride"):
+        torch.ops.fastcnn.max_pool2d_no_indices(x, [3, 3], [0, 2], [1, 1], [1, 1], False)
     out, indices = torch.ops.fastcnn.max_pool2d(x, *window)
     backward = torch.ops.fastcnn.max_pool2d_backward
     with pytest.raises(ValueError, match="grad_output has shape"):

@@ -4,6 +4,9 @@ max_pool2d_with_indices: indices are int64, flat h * W + w within each plane.
 NaN semantics as PyTorch: a window's max starts at -inf with the index of its
 first in-bounds position, and an element replaces it if greater or NaN (the first
 max wins ties, the last NaN wins). Both outputs follow the input's layout.
+fastcnn::max_pool2d_no_indices returns the output alone, for inference: the same
+kernels, told to keep no index (int64 indices would double the bytes written).
+It has no gradient; fastcnn.functional.max_pool2d picks it when none is needed.
 Backward: fastcnn::max_pool2d_backward sends each gradient to its index. It is
 deterministic on every backend, and adds in ascending output order as PyTorch
 does: the CPU kernel scatters with each part of grad_input (a plane, or an
@@ -25,6 +28,7 @@ from fastcnn.ops.triton_route import route_to_triton_when_compiled
 
 _WINDOW = "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode"
 FORWARD_SCHEMA = f"(Tensor input, {_WINDOW}) -> (Tensor, Tensor)"
+NO_INDICES_SCHEMA = f"(Tensor input, {_WINDOW}) -> Tensor"
 BACKWARD_SCHEMA = f"(Tensor grad_output, Tensor indices, Tensor input, {_WINDOW}) -> Tensor"
 
 
@@ -45,22 +49,30 @@ def _new_outputs(input: Tensor, params: PoolParams) -> tuple[Tensor, Tensor]:
 
 
 # --- forward kernels, one per backend: (input, out, indices, params); input may
-# have any strides, out and indices are dense in the input's layout
+# have any strides, out and indices are dense in the input's layout. indices None:
+# the values only (the native kernels take a null pointer).
 
 def _torch_max_pool2d(input, out, indices, p):
-    values, where = torch.nn.functional.max_pool2d(input, p.kernel, p.stride, p.padding, p.dilation,
-                                                   ceil_mode=p.ceil_mode, return_indices=True)
+    window = (p.kernel, p.stride, p.padding, p.dilation)
+    if indices is None:
+        out.copy_(torch.nn.functional.max_pool2d(input, *window, ceil_mode=p.ceil_mode))
+        return
+    values, where = torch.nn.functional.max_pool2d(input, *window, ceil_mode=p.ceil_mode, return_indices=True)
     out.copy_(values)
     indices.copy_(where)
 
 
+def _pointer(t: Tensor | None) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
 def _cpu_max_pool2d(input, out, indices, p):
-    _native.load("_cpu").max_pool2d(input.data_ptr(), out.data_ptr(), indices.data_ptr(), geometry(p, input, out),
+    _native.load("_cpu").max_pool2d(input.data_ptr(), out.data_ptr(), _pointer(indices), geometry(p, input, out),
                                     _native.dtype_code(out))
 
 
 def _cuda_max_pool2d(input, out, indices, p):
-    _native.load("_cuda").max_pool2d(input.data_ptr(), out.data_ptr(), indices.data_ptr(),
+    _native.load("_cuda").max_pool2d(input.data_ptr(), out.data_ptr(), _pointer(indices),
                                      geometry(p, input, out), _native.dtype_code(out), _native.stream_of(out))
 
 
@@ -85,6 +97,31 @@ def max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
 @max_pool2d.register_fake
 def _(input, kernel_size, stride, padding, dilation, ceil_mode):
     return _new_outputs(input, check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode))
+
+
+# --- inference: the output alone, from the same launchers
+
+@torch.library.custom_op("fastcnn::max_pool2d_no_indices", mutates_args=(), schema=NO_INDICES_SCHEMA)
+def max_pool2d_no_indices(input, kernel_size, stride, padding, dilation, ceil_mode):
+    params = check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
+    out = new_like(input, _output_shape(input, params))
+    if out.numel():
+        FORWARD[backends.resolve(input.device)](input, out, None, params)
+    return out
+
+
+@max_pool2d_no_indices.register_fake
+def _(input, kernel_size, stride, padding, dilation, ceil_mode):
+    params = check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
+    return new_like(input, _output_shape(input, params))
+
+
+def _no_indices_backward(ctx, grad_output):
+    raise RuntimeError("fastcnn::max_pool2d_no_indices has no gradient (it keeps no indices): "
+                       "use fastcnn::max_pool2d, as fastcnn.functional.max_pool2d does for inputs that require grad")
+
+
+max_pool2d_no_indices.register_autograd(_no_indices_backward)
 
 
 # --- backward: grad_input[index] += grad_output, launchers (grad_output, indices,
@@ -190,6 +227,16 @@ def max_pool2d_triton(input: Tensor, kernel_size: list[int], stride: list[int], 
     return out, indices
 
 
+@torch.library.triton_op("fastcnn::max_pool2d_no_indices_triton", mutates_args=())
+def max_pool2d_no_indices_triton(input: Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
+                                 dilation: list[int], ceil_mode: bool) -> Tensor:
+    params = pool_params(input, kernel_size, stride, padding, dilation, ceil_mode)
+    out = new_like(input, _output_shape(input, params))
+    if out.numel():
+        _triton_max_pool2d(input, out, None, params)
+    return out
+
+
 @torch.library.triton_op("fastcnn::max_pool2d_backward_triton", mutates_args=())
 def max_pool2d_backward_triton(grad_output: Tensor, indices: Tensor, input: Tensor, kernel_size: list[int],
                                stride: list[int], padding: list[int], dilation: list[int],
@@ -201,4 +248,5 @@ def max_pool2d_backward_triton(grad_output: Tensor, indices: Tensor, input: Tens
 
 
 route_to_triton_when_compiled(max_pool2d, max_pool2d_triton)
+route_to_triton_when_compiled(max_pool2d_no_indices, max_pool2d_no_indices_triton)
 route_to_triton_when_compiled(max_pool2d_backward, max_pool2d_backward_triton)

@@ -1,4 +1,5 @@
-"""Triton kernels for max_pool2d: the output with torch's int64 indices, and the
+"""Triton kernels for max_pool2d: the output with torch's int64 indices (or without
+them, for inference: INDICES=False drops the index bookkeeping), and the
 backward as a gather (each grad_input element sums the gradients of the windows
 that picked it, in a fixed order: no atomics, the same bits every run).
 
@@ -40,7 +41,8 @@ def _coords(offs, C, Y, X, CHANNELS_LAST: tl.constexpr):
 @triton.jit
 def max_pool2d_kernel(in_ptr, out_ptr, ind_ptr, total, C, H, W, OH, OW, kH, kW, sH, sW, pH, pW, dH, dW,
                       isn, isc, ish, isw, osn, osc, osh, osw,
-                      CHANNELS_LAST: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr):
+                      CHANNELS_LAST: tl.constexpr, INDICES: tl.constexpr, ACC: tl.constexpr,
+                      BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < total
     n, c, oh, ow = _coords(offs, C, OH, OW, CHANNELS_LAST)
@@ -62,10 +64,12 @@ def max_pool2d_kernel(in_ptr, out_ptr, ind_ptr, total, C, H, W, OH, OW, kH, kW, 
             v = tl.load(in_ptr + plane + ih * ish + iw * isw, mask=ok, other=float("-inf")).to(ACC)
             take = ok & ((v > best) | (v != v))
             best = tl.where(take, v, best)
-            best_idx = tl.where(take, ih * W + iw, best_idx)
+            if INDICES:
+                best_idx = tl.where(take, ih * W + iw, best_idx)
     o = n * osn + c * osc + oh * osh + ow * osw
     tl.store(out_ptr + o, best.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(ind_ptr + o, best_idx.to(tl.int64), mask=mask)
+    if INDICES:
+        tl.store(ind_ptr + o, best_idx.to(tl.int64), mask=mask)
 
 
 @triton.jit
@@ -98,13 +102,15 @@ def _channels_last(t: torch.Tensor) -> bool:
     return t.stride(1) < t.stride(3)
 
 
-def max_pool2d(input: torch.Tensor, out: torch.Tensor, indices: torch.Tensor, geometry: list[int]) -> None:
-    """out and indices share one layout; geometry as pool_geometry.geometry(params, input, out)."""
+def max_pool2d(input: torch.Tensor, out: torch.Tensor, indices: torch.Tensor | None, geometry: list[int]) -> None:
+    """out and indices share one layout (indices None: values only); geometry as
+    pool_geometry.geometry(params, input, out)."""
     total = out.numel()
     n, c, h, w, oh, ow, *window_and_strides = geometry
+    # Without indices, out stands in for the pointer the kernel never uses.
     wrap_triton(max_pool2d_kernel)[(triton.cdiv(total, BLOCK),)](
-        input, out, indices, total, c, h, w, oh, ow, *window_and_strides,
-        CHANNELS_LAST=_channels_last(out), ACC=acc_dtype(out.dtype), BLOCK=BLOCK)
+        input, out, out if indices is None else indices, total, c, h, w, oh, ow, *window_and_strides,
+        CHANNELS_LAST=_channels_last(out), INDICES=indices is not None, ACC=acc_dtype(out.dtype), BLOCK=BLOCK)
 
 
 def max_pool2d_backward(grad_out: torch.Tensor, indices: torch.Tensor, grad_in: torch.Tensor,

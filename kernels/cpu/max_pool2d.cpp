@@ -9,6 +9,9 @@
 //   otherwise: one task per (n, c) plane, across the interior columns of an output row.
 // The vectors are GCC vector types (lowered to SSE2 in the base variant) so that the
 // running max and index of a block of outputs stay in registers over the window.
+// Without an indices pointer (inference) the kernels are instantiated with the
+// NoIndices tag: the index bookkeeping drops out of the inner loops, the values
+// and their NaN semantics are the same.
 // Backward: each task owns part of grad_input (a plane, or an image's block of
 // channels), zeroes it and adds each gradient at its index in output order: no
 // atomics, no two threads touch one element, the same bits every run.
@@ -65,6 +68,10 @@ FASTCNN_ALWAYS_INLINE Span window_span(int64_t o, int64_t stride, int64_t pad, i
 
 bool channels_last(const Pool2dGeometry& g) { return g.out_stride[1] < g.out_stride[3]; }
 
+// Index type tag for values only: no index is computed or stored.
+struct NoIndices {};
+template <class I> constexpr bool kWantsIndices = !std::is_same_v<I, NoIndices>;
+
 // int32 indices (as many lanes as float) unless a plane is too large for them.
 bool index_fits_int32(const Pool2dGeometry& g) {
   const int64_t rows = g.H + g.kH * g.dH + 1, cols = g.W + g.kW * g.dW + 1;
@@ -83,6 +90,9 @@ struct Run {
   int64_t* ind;
   int64_t out_step;
 };
+
+// ind + offset, or null without indices (offsetting a null pointer is undefined).
+FASTCNN_ALWAYS_INLINE int64_t* at_or_null(int64_t* ind, int64_t offset) { return ind ? ind + offset : nullptr; }
 
 template <class T, class V, class Step>
 FASTCNN_ALWAYS_INLINE void load_lanes(const T* src, Step step, V& v) {
@@ -109,7 +119,7 @@ FASTCNN_ALWAYS_INLINE void load_lanes(const T* src, Step step, V& v) {
 }
 
 // NV vectors of outputs starting at output j0 of the run.
-template <int NV, class T, class Step, class IdxStep>
+template <int NV, class I, class T, class Step, class IdxStep>
 FASTCNN_ALWAYS_INLINE void vector_block_max(const Run<T, Step, IdxStep>& run, int64_t j0, const Pool2dGeometry& g,
                                             Span hs, Span ws) {
   using F = acc_t<T>;
@@ -118,26 +128,29 @@ FASTCNN_ALWAYS_INLINE void vector_block_max(const Run<T, Step, IdxStep>& run, in
   typedef typename S::M M;
   typedef typename S::Idx Idx;
   constexpr int L = S::kLanes;
-  M lane_offset;
-  for (int l = 0; l < L; ++l) lane_offset[l] = Idx(l * run.idx_step.value);
+  constexpr bool kIndices = kWantsIndices<I>;
+  [[maybe_unused]] M lane_offset;
+  if constexpr (kIndices)
+    for (int l = 0; l < L; ++l) lane_offset[l] = Idx(l * run.idx_step.value);
   V best[NV];
-  M idx[NV];
+  [[maybe_unused]] M idx[NV];
   const T* base = run.base + j0 * run.step.value;
   const int64_t shift = j0 * run.idx_step.value;
   for (int k = 0; k < NV; ++k) {
     best[k] = V{} - std::numeric_limits<F>::infinity();
-    idx[k] = lane_offset + Idx(hs.first * g.W + ws.first + shift + k * L * run.idx_step.value);
+    if constexpr (kIndices)
+      idx[k] = lane_offset + Idx(hs.first * g.W + ws.first + shift + k * L * run.idx_step.value);
   }
   for (int64_t ih = hs.first; ih < hs.end; ih += g.dH) {
     for (int64_t iw = ws.first; iw < ws.end; iw += g.dW) {
       const T* src = base + ih * g.in_stride[2] + iw * g.in_stride[3];
-      const int64_t flat = ih * g.W + iw + shift;
+      [[maybe_unused]] const int64_t flat = ih * g.W + iw + shift;
       for (int k = 0; k < NV; ++k) {
         V v;
         load_lanes(src + k * L * run.step.value, run.step, v);
         const M take = (v > best[k]) | (v != v);
         best[k] = take ? v : best[k];
-        idx[k] = take ? lane_offset + Idx(flat + k * L * run.idx_step.value) : idx[k];
+        if constexpr (kIndices) idx[k] = take ? lane_offset + Idx(flat + k * L * run.idx_step.value) : idx[k];
       }
     }
   }
@@ -149,18 +162,20 @@ FASTCNN_ALWAYS_INLINE void vector_block_max(const Run<T, Step, IdxStep>& run, in
       } else {
         for (int l = 0; l < L; ++l) store(run.out + at, l, best[k][l]);
       }
-      const typename S::Wide wide = __builtin_convertvector(idx[k], typename S::Wide);
-      std::memcpy(run.ind + at, &wide, sizeof wide);
+      if constexpr (kIndices) {
+        const typename S::Wide wide = __builtin_convertvector(idx[k], typename S::Wide);
+        std::memcpy(run.ind + at, &wide, sizeof wide);
+      }
     } else {
       for (int l = 0; l < L; ++l) {
         store(run.out + at, l * run.out_step, best[k][l]);
-        run.ind[at + l * run.out_step] = idx[k][l];
+        if constexpr (kIndices) run.ind[at + l * run.out_step] = idx[k][l];
       }
     }
   }
 }
 
-// Outputs [j0, j0 + count) of the run one at a time, with indices of type I.
+// Outputs [j0, j0 + count) of the run one at a time, with indices of type I (or none).
 template <class I, class T, class Step, class IdxStep>
 FASTCNN_ALWAYS_INLINE void scalar_max(const Run<T, Step, IdxStep>& run, int64_t j0, int64_t count,
                                       const Pool2dGeometry& g, Span hs, Span ws) {
@@ -168,17 +183,18 @@ FASTCNN_ALWAYS_INLINE void scalar_max(const Run<T, Step, IdxStep>& run, int64_t 
   for (int64_t j = j0; j < j0 + count; ++j) {
     const T* base = run.base + j * run.step.value;
     F best = -std::numeric_limits<F>::infinity();
-    I idx = I(hs.first * g.W + ws.first + j * run.idx_step.value);
+    [[maybe_unused]] I idx{};
+    if constexpr (kWantsIndices<I>) idx = I(hs.first * g.W + ws.first + j * run.idx_step.value);
     for (int64_t ih = hs.first; ih < hs.end; ih += g.dH) {
       for (int64_t iw = ws.first; iw < ws.end; iw += g.dW) {
         const F v = load(base, ih * g.in_stride[2] + iw * g.in_stride[3]);
         const bool take = v > best || v != v;  // selects, not branches: the data is random
         best = take ? v : best;
-        idx = take ? I(ih * g.W + iw + j * run.idx_step.value) : idx;
+        if constexpr (kWantsIndices<I>) idx = take ? I(ih * g.W + iw + j * run.idx_step.value) : idx;
       }
     }
     store(run.out, j * run.out_step, best);
-    run.ind[j * run.out_step] = idx;
+    if constexpr (kWantsIndices<I>) run.ind[j * run.out_step] = idx;
   }
 }
 
@@ -191,12 +207,12 @@ FASTCNN_ALWAYS_INLINE void run_max(const Run<T, Step, IdxStep>& run, int64_t cou
                                    Span hs, Span ws) {
   using S = Simd<acc_t<T>>;
   constexpr int64_t L = S::kLanes;
-  if constexpr (sizeof(typename S::Idx) >= sizeof(I)) {  // the lanes hold every index
+  if constexpr (!kWantsIndices<I> || sizeof(typename S::Idx) >= sizeof(I)) {  // the lanes hold every index
     if (count >= L) {
       int64_t j = 0;
-      for (; j + kWideBlock * L <= count; j += kWideBlock * L) vector_block_max<kWideBlock>(run, j, g, hs, ws);
-      for (; j + L <= count; j += L) vector_block_max<1>(run, j, g, hs, ws);
-      if (j < count) vector_block_max<1>(run, count - L, g, hs, ws);
+      for (; j + kWideBlock * L <= count; j += kWideBlock * L) vector_block_max<kWideBlock, I>(run, j, g, hs, ws);
+      for (; j + L <= count; j += L) vector_block_max<1, I>(run, j, g, hs, ws);
+      if (j < count) vector_block_max<1, I>(run, count - L, g, hs, ws);
       return;
     }
   }
@@ -221,7 +237,7 @@ FASTCNN_ALWAYS_INLINE void planes_body(const T* in, T* out, int64_t* ind, const 
       const Span hs = window_span(oh, g.sH, g.pH, g.kH, g.dH, g.H);
       const int64_t row = n * g.out_stride[0] + c * g.out_stride[1] + oh * g.out_stride[2];
       // Border columns, one at a time: output j of this run is column j, its window given.
-      const Run<T, Fixed<0>, Fixed<0>> border{plane, {}, {}, out + row, ind + row, osw};
+      const Run<T, Fixed<0>, Fixed<0>> border{plane, {}, {}, out + row, at_or_null(ind, row), osw};
       for (int64_t ow = 0; ow < ow_lo; ++ow)
         scalar_max<I>(border, ow, 1, g, hs, window_span(ow, g.sW, g.pW, g.kW, g.dW, g.W));
       for (int64_t ow = ow_hi; ow < g.OW; ++ow)
@@ -229,7 +245,7 @@ FASTCNN_ALWAYS_INLINE void planes_body(const T* in, T* out, int64_t* ind, const 
       if (ow_lo < ow_hi) {
         const int64_t w0 = ow_lo * g.sW - g.pW;
         const Run<T, Step, Runtime> interior{plane, step, {g.sW}, out + row + ow_lo * osw,
-                                             ind + row + ow_lo * osw, osw};
+                                             at_or_null(ind, row + ow_lo * osw), osw};
         run_max<I>(interior, ow_hi - ow_lo, g, hs, Span{w0, w0 + (g.kW - 1) * g.dW + 1});
       }
     }
@@ -247,7 +263,8 @@ FASTCNN_ALWAYS_INLINE void rows_body(const T* in, T* out, int64_t* ind, const Po
     const Span hs = window_span(oh, g.sH, g.pH, g.kH, g.dH, g.H);
     for (int64_t ow = 0; ow < g.OW; ++ow) {
       const int64_t o = n * g.out_stride[0] + oh * g.out_stride[2] + ow * g.out_stride[3];
-      const Run<T, Step, Fixed<0>> channels{in + n * g.in_stride[0], step, {}, out + o, ind + o, g.out_stride[1]};
+      const Run<T, Step, Fixed<0>> channels{in + n * g.in_stride[0], step, {}, out + o, at_or_null(ind, o),
+                                            g.out_stride[1]};
       run_max<I>(channels, g.C, g, hs, window_span(ow, g.sW, g.pW, g.kW, g.dW, g.W));
     }
   }
@@ -366,7 +383,9 @@ void max_pool2d(const void* input, void* out, int64_t* indices, const Pool2dGeom
     using T = decltype(tag);
     const T* in = static_cast<const T*>(input);
     T* o = static_cast<T*>(out);
-    if (index_fits_int32(g))
+    if (indices == nullptr)
+      forward_with_index(in, o, indices, g, NoIndices{});
+    else if (index_fits_int32(g))
       forward_with_index(in, o, indices, g, int32_t{});
     else
       forward_with_index(in, o, indices, g, int64_t{});

@@ -2,6 +2,7 @@
 // torch's max_pool2d_with_indices), and the backward that scatters the gradient
 // back through the indices. Strides in the geometry are honoured; the output-side
 // tensors (output and indices, or grad_output and indices) share one set of strides.
+// indices may be null: the forward then writes the values only (inference).
 #pragma once
 #include <cstdint>
 

@@ -2,7 +2,8 @@
 // Forward: one thread per output element, threads numbered in the output's memory
 // order (channels fastest for channels_last), so neighbouring threads read
 // neighbouring inputs. The window is scanned in torch's order; an element replaces
-// the running max if greater or NaN (first max wins ties, last NaN wins).
+// the running max if greater or NaN (first max wins ties, last NaN wins). Without
+// an indices pointer the Indices = false instance keeps no index (inference).
 // Backward: one thread per grad_input element, which visits the output positions
 // whose windows can hold it in a fixed order and sums the gradients whose index is
 // its own: no atomics, the same bits every run.
@@ -40,7 +41,7 @@ __device__ __forceinline__ Coord coord_of(int64_t i, int64_t C, int64_t Y, int64
   return k;
 }
 
-template <class T, bool ChannelsLast>
+template <class T, bool ChannelsLast, bool Indices>
 __global__ void max_pool2d_kernel(const T* __restrict__ in, T* __restrict__ out, int64_t* __restrict__ ind,
                                   Pool2dGeometry g, int64_t total) {
   using F = dacc_t<T>;
@@ -60,14 +61,14 @@ __global__ void max_pool2d_kernel(const T* __restrict__ in, T* __restrict__ out,
         const F v = dload(plane, ih * g.in_stride[2] + iw * g.in_stride[3]);
         if (v > best || isnan(v)) {
           best = v;
-          best_idx = ih * g.W + iw;
+          if (Indices) best_idx = ih * g.W + iw;
         }
       }
     }
     const int64_t o =
         k.n * g.out_stride[0] + k.c * g.out_stride[1] + k.y * g.out_stride[2] + k.x * g.out_stride[3];
     dstore(out, o, best);
-    ind[o] = best_idx;
+    if (Indices) ind[o] = best_idx;
   }
 }
 
@@ -110,7 +111,9 @@ int max_pool2d(const void* input, void* out, int64_t* indices, const Pool2dGeome
   return dispatch_cuda_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const unsigned blocks = grid_for(total, kThreads);
-    auto kernel = channels_last ? max_pool2d_kernel<T, true> : max_pool2d_kernel<T, false>;
+    auto kernel = indices == nullptr
+                      ? (channels_last ? max_pool2d_kernel<T, true, false> : max_pool2d_kernel<T, false, false>)
+                      : (channels_last ? max_pool2d_kernel<T, true, true> : max_pool2d_kernel<T, false, true>);
     kernel<<<blocks, kThreads, 0, cudaStream_t(stream)>>>(static_cast<const T*>(input), static_cast<T*>(out),
                                                           indices, g, total);
     return int(cudaGetLastError());

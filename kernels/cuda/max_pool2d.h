@@ -1,7 +1,8 @@
 // CUDA max_pool2d: output and int64 indices (flat h * W + w within the plane, as
 // torch's max_pool2d_with_indices), and the backward as a gather (no atomics).
 // Strides in the geometry are honoured; the output-side tensors share one set of
-// strides. Returns a cudaError_t as int (0 = success).
+// strides. indices may be null: the forward then writes the values only (inference).
+// Returns a cudaError_t as int (0 = success).
 #pragma once
 #include <cstdint>
 
