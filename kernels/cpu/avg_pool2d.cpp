@@ -5,16 +5,16 @@
 //
 // NCHW: each task is one output row; the row is built from whole input rows, so
 // the inner loops run along W and vectorise. channels_last: each task is one
-// output position and the inner loops run along C. The backward gathers: each
+// output position and the inner loops run along C (the vector lane). The backward gathers: each
 // input element sums grad / divisor over the windows that hold it, in (oh, ow)
 // order, so it needs no atomics and gives the same bits every run.
 #include "avg_pool2d.h"
 
 #include <algorithm>
+#include <cstring>
 #include <stdexcept>
 #include <vector>
 
-#include "fastcnn/cpu_parallel.h"
 #include "fastcnn/dispatch.h"
 
 namespace fastcnn::cpu {
@@ -40,7 +40,8 @@ AxisWindows axis_windows(int64_t size, int64_t out_size, int64_t k, int64_t s, i
     stop = std::min(stop, size);
     a.begin[o] = start;
     a.end[o] = std::max(stop, start);
-    a.divisor[o] = count_include_pad ? span : a.end[o] - a.begin[o];
+    // An empty window (not reachable through the op's checks) averages to 0, as in PyTorch.
+    a.divisor[o] = std::max<int64_t>(count_include_pad ? span : a.end[o] - a.begin[o], 1);
   }
   return a;
 }
@@ -118,31 +119,95 @@ FASTCNN_ALWAYS_INLINE void avg_pool_nchw_body(const T* in, T* out, Pool2dGeometr
 }
 FASTCNN_ISA_VARIANTS(avg_pool_nchw_rows, avg_pool_nchw_body)
 
+// The input positions of output position `pos`'s window, in (ih, iw) order;
+// returns their count and sets n, oh, ow.
 template <class T>
-FASTCNN_ALWAYS_INLINE void avg_pool_cl_body(const T* in, T* out, Pool2dGeometry g, const int64_t* h_begin,
-                                            const int64_t* h_end, const int64_t* h_div, const int64_t* w_begin,
-                                            const int64_t* w_end, const int64_t* w_div, int64_t first_pos,
-                                            int64_t last_pos) {
+FASTCNN_ALWAYS_INLINE int64_t window_positions(const T* in, const Pool2dGeometry& g, const int64_t* h_begin,
+                                               const int64_t* h_end, const int64_t* w_begin, const int64_t* w_end,
+                                               int64_t pos, const T** window, int64_t& n, int64_t& oh,
+                                               int64_t& ow) {
+  n = pos / (g.OH * g.OW);
+  const int64_t ohw = pos % (g.OH * g.OW);
+  oh = ohw / g.OW;
+  ow = ohw % g.OW;
+  int64_t count = 0;
+  for (int64_t ih = h_begin[oh]; ih < h_end[oh]; ++ih)
+    for (int64_t iw = w_begin[ow]; iw < w_end[ow]; ++iw)
+      window[count++] = in + n * g.in_stride[0] + ih * g.in_stride[2] + iw * g.in_stride[3];
+  return count;
+}
+
+// channels_last, windows that do not overlap (each input read once): one pass
+// over the channels per window position, so the reads are one contiguous stream;
+// the first pass starts the sums and the last divides them into the output.
+template <class T>
+FASTCNN_ALWAYS_INLINE void avg_pool_cl_stream_body(const T* in, T* out, Pool2dGeometry g, const int64_t* h_begin,
+                                                   const int64_t* h_end, const int64_t* h_div,
+                                                   const int64_t* w_begin, const int64_t* w_end,
+                                                   const int64_t* w_div, int64_t first_pos, int64_t last_pos) {
   using F = acc_t<T>;
-  std::vector<F> acc_buf(g.C);
-  F* __restrict__ acc = acc_buf.data();
   const int64_t C = g.C;
+  std::vector<F> acc_buf(C);
+  std::vector<const T*> window(g.kH * g.kW);
+  F* acc = acc_buf.data();
   for (int64_t pos = first_pos; pos < last_pos; ++pos) {
-    const int64_t n = pos / (g.OH * g.OW), ohw = pos % (g.OH * g.OW);
-    const int64_t oh = ohw / g.OW, ow = ohw % g.OW;
-    for (int64_t c = 0; c < C; ++c) acc[c] = F(0);
-    for (int64_t ih = h_begin[oh]; ih < h_end[oh]; ++ih) {
-      for (int64_t iw = w_begin[ow]; iw < w_end[ow]; ++iw) {
-        const T* __restrict__ px = in + n * g.in_stride[0] + ih * g.in_stride[2] + iw * g.in_stride[3];
-        for (int64_t c = 0; c < C; ++c) acc[c] += load(px, c);
-      }
-    }
+    int64_t n, oh, ow;
+    const int64_t count = window_positions(in, g, h_begin, h_end, w_begin, w_end, pos, window.data(), n, oh, ow);
     const F divisor = F(h_div[oh] * w_div[ow]);
-    T* __restrict__ po = out + n * g.out_stride[0] + oh * g.out_stride[2] + ow * g.out_stride[3];
-    for (int64_t c = 0; c < C; ++c) store(po, c, acc[c] / divisor);
+    T* po = out + n * g.out_stride[0] + oh * g.out_stride[2] + ow * g.out_stride[3];
+    if (count <= 1) {  // (0 only for an empty window: the sum is 0)
+      for (int64_t c = 0; c < C; ++c) store(po, c, (count ? F(0) + load(window[0], c) : F(0)) / divisor);
+      continue;
+    }
+    for (int64_t c = 0; c < C; ++c) acc[c] = F(0) + load(window[0], c);
+    one_stream_barrier();
+    for (int64_t k = 1; k + 1 < count; ++k) {
+      const T* px = window[k];
+      for (int64_t c = 0; c < C; ++c) acc[c] += load(px, c);
+      one_stream_barrier();
+    }
+    const T* last = window[count - 1];
+    for (int64_t c = 0; c < C; ++c) store(po, c, (acc[c] + load(last, c)) / divisor);
   }
 }
-FASTCNN_ISA_VARIANTS(avg_pool_cl_positions, avg_pool_cl_body)
+FASTCNN_ISA_VARIANTS(avg_pool_cl_stream_positions, avg_pool_cl_stream_body)
+
+// channels_last, overlapping windows (stride < kernel: inputs are re-read from
+// cache): blocks of 4 vectors of channels stay in registers over the whole window.
+template <class T>
+FASTCNN_ALWAYS_INLINE void avg_pool_cl_blocked_body(const T* in, T* out, Pool2dGeometry g, const int64_t* h_begin,
+                                                    const int64_t* h_end, const int64_t* h_div,
+                                                    const int64_t* w_begin, const int64_t* w_end,
+                                                    const int64_t* w_div, int64_t first_pos, int64_t last_pos) {
+  using F = acc_t<T>;
+  using V = vec32_t<F>;
+  constexpr int L = kLanes<F>;
+  const int64_t C = g.C;
+  std::vector<const T*> window(g.kH * g.kW);
+  for (int64_t pos = first_pos; pos < last_pos; ++pos) {
+    int64_t n, oh, ow;
+    const int64_t count = window_positions(in, g, h_begin, h_end, w_begin, w_end, pos, window.data(), n, oh, ow);
+    const F divisor = F(h_div[oh] * w_div[ow]);
+    T* po = out + n * g.out_stride[0] + oh * g.out_stride[2] + ow * g.out_stride[3];
+    int64_t c = 0;
+    for (; c + 4 * L <= C; c += 4 * L) {
+      V a[4] = {};
+      for (int64_t k = 0; k < count; ++k) {
+        const T* px = window[k] + c;
+        for (int j = 0; j < 4; ++j) add_vec(a[j], px + j * L);
+      }
+      F sums[4 * L];
+      std::memcpy(sums, a, sizeof sums);
+      for (int j = 0; j < 4 * L; ++j) store(po, c + j, sums[j] / divisor);
+    }
+    for (; c < C; ++c) {
+      F sum = F(0);
+      for (int64_t k = 0; k < count; ++k) sum += load(window[k], c);
+      store(po, c, sum / divisor);
+    }
+  }
+}
+FASTCNN_ISA_VARIANTS(avg_pool_cl_blocked_positions, avg_pool_cl_blocked_body)
 
 template <class T>
 FASTCNN_ALWAYS_INLINE void avg_pool_backward_nchw_body(const T* grad_out, T* grad_in, Pool2dGeometry g,
@@ -207,9 +272,10 @@ FASTCNN_ISA_VARIANTS(avg_pool_backward_cl_positions, avg_pool_backward_cl_body)
 
 // channels_last when C is the unit-stride axis of both tensors (and there is
 // more than one channel); NCHW when W is; anything else is the caller's bug.
+// (A stride of a size-1 axis is arbitrary and never used.)
 bool use_channels_last(const Pool2dGeometry& g) {
-  const bool cl = g.in_stride[1] == 1 && g.out_stride[1] == 1;
-  const bool nchw = g.in_stride[3] == 1 && g.out_stride[3] == 1;
+  const bool cl = (g.C == 1 || (g.in_stride[1] == 1 && g.out_stride[1] == 1));
+  const bool nchw = (g.W == 1 || g.in_stride[3] == 1) && (g.OW == 1 || g.out_stride[3] == 1);
   if (cl && (g.C > 1 || !nchw)) return true;
   if (nchw) return false;
   throw std::invalid_argument("fastcnn avg_pool2d: tensors must be dense along W or along C");
@@ -217,8 +283,10 @@ bool use_channels_last(const Pool2dGeometry& g) {
 
 bool use_channels_last_backward(const Pool2dGeometry& g) {
   // The NCHW backward reads grad_output through its strides; only grad_input must be dense along W.
-  if (g.in_stride[1] == 1 && g.out_stride[1] == 1 && (g.C > 1 || g.in_stride[3] != 1)) return true;
-  if (g.in_stride[3] == 1) return false;
+  const bool cl = (g.C == 1 || (g.in_stride[1] == 1 && g.out_stride[1] == 1));
+  const bool nchw = g.W == 1 || g.in_stride[3] == 1;
+  if (cl && (g.C > 1 || !nchw)) return true;
+  if (nchw) return false;
   throw std::invalid_argument("fastcnn avg_pool2d_backward: grad_input must be dense along W or along C");
 }
 
@@ -242,9 +310,15 @@ void avg_pool2d(const void* input, void* output, const Pool2dGeometry& g, bool c
     const T* in = static_cast<const T*>(input);
     T* out = static_cast<T*>(output);
     if (cl) {
+      const bool overlapping = g.sH < g.kH || g.sW < g.kW;
       parallel_for(g.N * g.OH * g.OW, grain_for(g.C * g.kH * g.kW), [&](int64_t begin, int64_t end) {
-        FASTCNN_ISA_CALL(avg_pool_cl_positions, T, in, out, g, hw.begin.data(), hw.end.data(),
-                         hw.divisor.data(), ww.begin.data(), ww.end.data(), ww.divisor.data(), begin, end);
+        if (overlapping) {
+          FASTCNN_ISA_CALL(avg_pool_cl_blocked_positions, T, in, out, g, hw.begin.data(), hw.end.data(),
+                           hw.divisor.data(), ww.begin.data(), ww.end.data(), ww.divisor.data(), begin, end);
+        } else {
+          FASTCNN_ISA_CALL(avg_pool_cl_stream_positions, T, in, out, g, hw.begin.data(), hw.end.data(),
+                           hw.divisor.data(), ww.begin.data(), ww.end.data(), ww.divisor.data(), begin, end);
+        }
       });
     } else {
       parallel_for(g.N * g.C * g.OH, grain_for(g.OW * g.kH * g.kW), [&](int64_t begin, int64_t end) {
