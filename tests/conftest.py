@@ -43,9 +43,13 @@ def backend_devices():
 
 BACKEND_DEVICES = backend_devices()
 BACKEND_IDS = [f"{b}-{d}" for b, d in BACKEND_DEVICES]
+# Without a GPU the CUDA-side pairs still appear, as skipped, so a run says what it left out.
+_NO_GPU = [] if torch.cuda.is_available() else [
+    pytest.param((b, "cuda"), id=f"{b}-cuda", marks=pytest.mark.skip(reason="needs a CUDA device"))
+    for b in ("triton", "cuda")]
 
 
-@pytest.fixture(params=BACKEND_DEVICES, ids=BACKEND_IDS)
+@pytest.fixture(params=[*[pytest.param(p, id=i) for p, i in zip(BACKEND_DEVICES, BACKEND_IDS)], *_NO_GPU])
 def backend_device(request):
     """Runs the test once per (backend, device) pair, with that backend selected."""
     backend, device = request.param
