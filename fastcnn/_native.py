@@ -33,10 +33,6 @@ def import_error(name: str) -> str | None:
     return _import_errors.get(name)
 
 
-def ptr(t: torch.Tensor) -> int:
-    return t.data_ptr()
-
-
 def dtype_code(t: torch.Tensor) -> int:
     return DTYPE_CODES[t.dtype]
 

@@ -14,6 +14,7 @@ variable FASTCNN_BACKEND override it.
 from __future__ import annotations
 
 import contextvars
+import functools
 import importlib.util
 import os
 
@@ -30,6 +31,7 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+@functools.cache  # resolve() runs on every op call; the answer cannot change in a process
 def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -41,12 +43,11 @@ def why_unavailable(backend: str, device_type: str) -> str | None:
     if backend == "triton":
         if not _triton_installed():
             return "the triton package is not installed"
-        if device_type == "cuda":
+        if device_type == "cuda" or (device_type == "cpu" and triton_interpreting()):
             return None
-        if device_type == "cpu" and triton_interpreting():
-            return None
-        return f"triton runs {device_type} tensors only under TRITON_INTERPRET=1" if device_type == "cpu" \
-            else f"triton cannot run {device_type} tensors"
+        if device_type == "cpu":
+            return "triton runs CPU tensors only under TRITON_INTERPRET=1"
+        return f"triton cannot run {device_type} tensors"
     if backend == "cuda":
         if device_type != "cuda":
             return f"the cuda backend runs CUDA tensors, not {device_type} tensors"

@@ -53,14 +53,20 @@ FORWARD = backend_table(torch=_torch_add_act, cpu=_cpu_add_act, cuda=_cuda_add_a
                         triton=_triton_add_act)
 
 
+def _run(launch, like: Tensor, x: Tensor, y: Tensor, act) -> Tensor:
+    """A new tensor in like's layout, filled by launch(x, y, result, act) with x and y made
+    dense in that layout: forward (a, b) and backward (grad, out) alike."""
+    result = new_like(like)
+    if result.numel():
+        fmt = memory_format_of(result)
+        launch(dense_in(x, fmt), dense_in(y, fmt), result, act)
+    return result
+
+
 @torch.library.custom_op("fastcnn::add_act", mutates_args=())
 def add_act(a: Tensor, b: Tensor, act: Optional[str] = "relu") -> Tensor:
     check_add_act(a, b, act)
-    out = new_like(a)
-    if out.numel():
-        fmt = memory_format_of(out)
-        FORWARD[backends.resolve(a.device)](dense_in(a, fmt), dense_in(b, fmt), out, act)
-    return out
+    return _run(FORWARD[backends.resolve(a.device)], a, a, b, act)
 
 
 @add_act.register_fake
@@ -105,11 +111,7 @@ def check_add_act_backward(grad, out, act) -> None:
 @torch.library.custom_op("fastcnn::add_act_backward", mutates_args=())
 def add_act_backward(grad: Tensor, out: Tensor, act: Optional[str] = "relu") -> Tensor:
     check_add_act_backward(grad, out, act)
-    grad_in = new_like(out)
-    if grad_in.numel():
-        fmt = memory_format_of(grad_in)
-        BACKWARD[backends.resolve(out.device)](dense_in(grad, fmt), dense_in(out, fmt), grad_in, act)
-    return grad_in
+    return _run(BACKWARD[backends.resolve(out.device)], out, grad, out, act)
 
 
 @add_act_backward.register_fake
@@ -138,20 +140,12 @@ add_act.register_autograd(_backward, setup_context=_setup_context)
 
 @torch.library.triton_op("fastcnn::add_act_triton", mutates_args=())
 def add_act_triton(a: Tensor, b: Tensor, act: Optional[str] = "relu") -> Tensor:
-    out = new_like(a)
-    if out.numel():
-        fmt = memory_format_of(out)
-        _triton_add_act(dense_in(a, fmt), dense_in(b, fmt), out, act)
-    return out
+    return _run(_triton_add_act, a, a, b, act)
 
 
 @torch.library.triton_op("fastcnn::add_act_backward_triton", mutates_args=())
 def add_act_backward_triton(grad: Tensor, out: Tensor, act: Optional[str] = "relu") -> Tensor:
-    grad_in = new_like(out)
-    if grad_in.numel():
-        fmt = memory_format_of(grad_in)
-        _triton_add_act_backward(dense_in(grad, fmt), dense_in(out, fmt), grad_in, act)
-    return grad_in
+    return _run(_triton_add_act_backward, out, grad, out, act)
 
 
 route_to_triton_when_compiled(add_act, add_act_triton)
