@@ -4,6 +4,8 @@ Each suite puts eager PyTorch, torch.compile of the same eager code, and every
 fastcnn backend that can be timed here in one group, so pytest-benchmark shows
 them side by side. GPU calls are synchronised inside the timed function."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -58,3 +60,24 @@ def pick(implementation, eager_fn, fastcnn_fn):
 def no_grad():
     with torch.no_grad():
         yield
+
+
+def on_device(layer):
+    """The GPU runs the ImageNet networks at batch 32 (LeNet-5 stays at 256)."""
+    if DEVICE.type == "cuda" and layer.batch < 32:
+        return replace(layer, batch=32)
+    return layer
+
+
+def run_layer_case(benchmark, implementation, case):
+    benchmark.group = f"{case.op} {case.label}"
+    torch.manual_seed(0)
+    inputs = case.make_inputs(case.shape, DTYPE, DEVICE, case.channels_last)
+    with torch.enable_grad() if case.needs_grad else torch.no_grad():
+        fn = pick(implementation, case.eager, case.fastcnn)
+        rounds = 3 if case.flops > 2e10 else 10
+        got = benchmark.pedantic(fn, args=inputs, rounds=rounds, warmup_rounds=1).detach().clone()
+        expected = case.eager(*inputs).detach()
+    scale = max(1.0, float(expected.float().abs().max()))
+    tol = 1e-4 if DTYPE == torch.float32 else 2e-2
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol * scale)

@@ -65,3 +65,52 @@ def global_avg_pool2d(input: Tensor) -> Tensor:
     x, unbatched = _batched(input)
     out = torch.ops.fastcnn.global_avg_pool2d(x)
     return out.squeeze(0) if unbatched else out
+
+
+def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
+           groups: int = 1, *, residual: Tensor | None = None, act: str | None = None, out: Tensor | None = None,
+           channel_offset: int = 0) -> Tensor:
+    """act(torch.nn.functional.conv2d(input, weight, bias, ...) + residual) in one kernel.
+
+    `padding` is an int, a pair, "valid" or "same" as in PyTorch; `act` is None,
+    "relu", "tanh" or "sigmoid"; `residual` has the output's shape. With `out`,
+    the result is written into out[:, channel_offset:channel_offset + C_out] and
+    that slice is returned (an Inception module's branches fill one tensor); when
+    a gradient is needed the result is computed first and then copied there."""
+    from fastcnn.ops.conv2d import check_conv2d, check_conv2d_into
+    x, unbatched = _batched(input)
+    if residual is not None and unbatched:
+        check_tensor("residual", residual)
+        residual = residual.unsqueeze(0)
+    if out is not None and unbatched:
+        check_tensor("out", out)
+        out = out.unsqueeze(0)
+    params = check_conv2d(x, weight, bias, residual, stride, padding, dilation, groups, act)
+    args = (x, weight, bias, residual, *params.as_lists(), act)
+    if out is None:
+        y = torch.ops.fastcnn.conv2d(*args)
+    else:
+        target = check_conv2d_into(out, channel_offset, x, weight, params)
+        grad_needed = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, bias, residual))
+        if grad_needed:
+            target.copy_(torch.ops.fastcnn.conv2d(*args))
+        else:
+            torch.ops.fastcnn.conv2d_into(out, channel_offset, *args)
+        y = target
+    return y.squeeze(0) if unbatched else y
+
+
+def conv2d_relu(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
+                groups: int = 1, *, residual: Tensor | None = None, out: Tensor | None = None,
+                channel_offset: int = 0) -> Tensor:
+    """conv2d(..., act="relu"): relu(conv + bias + residual)."""
+    return conv2d(input, weight, bias, stride, padding, dilation, groups, residual=residual, act="relu", out=out,
+                  channel_offset=channel_offset)
+
+
+def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, act: str | None = None) -> Tensor:
+    """act(torch.nn.functional.linear(input, weight, bias)) as one GEMM with its epilogue fused."""
+    from fastcnn.ops.linear import check_linear
+    check_linear(input, weight, bias, act)
+    return torch.ops.fastcnn.linear(input, weight, bias, act)

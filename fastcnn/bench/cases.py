@@ -23,6 +23,14 @@ class Case:
     fastcnn: Callable[..., torch.Tensor]
     # Fewest bytes the op must move: every input read once, every output written once.
     bytes_moved: Callable[[tuple, torch.Tensor], int]
+    # Floating-point operations of one call (2 per multiply-add); 0 for memory-bound ops.
+    flops: int = 0
+    # Forward + backward: timed with autograd on, compared on the input gradient.
+    needs_grad: bool = False
+
+    @property
+    def compute_bound(self) -> bool:
+        return self.flops > 0
 
 
 def _activation(shape, dtype, device, channels_last):
@@ -78,8 +86,22 @@ def cases(device: torch.device, *, quick: bool = False) -> list[Case]:
         out.append(Case("global_avg_pool2d", f"{layout}", (batch, 2048, 7, 7), cl, _one,
                         eager=lambda x: F.adaptive_avg_pool2d(x, 1), fastcnn=fcf.global_avg_pool2d,
                         bytes_moved=lambda inp, y: _nbytes(*inp, y)))
+    out += representative_layer_cases(device)
     if not quick:
         out.append(Case("bias_act", "relu fc", (32 * batch, 4096), False, _activation_and_bias,
                         eager=lambda x, b: torch.relu(x + b), fastcnn=lambda x, b: fcf.bias_act(x, b, "relu"),
                         bytes_moved=lambda inp, y: _nbytes(*inp, y)))
     return out
+
+
+def representative_layer_cases(device: torch.device) -> list[Case]:
+    """A few conv and FC layers for the main job; `--layers` runs all of them."""
+    from fastcnn.bench.layer_cases import layer_case
+    from fastcnn.bench.layers import ConvLayer, LinearLayer
+
+    gpu_batch = 32 if device.type == "cuda" else 8
+    picks = [ConvLayer("resnet50", "layer1 3x3", gpu_batch, 64, (56, 56), 64, 3, 1, 1),
+             ConvLayer("resnet50", "layer1 1x1", gpu_batch, 256, (56, 56), 64, 1),
+             ConvLayer("resnet50", "stem", gpu_batch, 3, (224, 224), 64, 7, 2, 3),
+             LinearLayer("alexnet", "fc7", gpu_batch, 4096, 4096)]
+    return [layer_case(layer, channels_last=True) for layer in picks]

@@ -4,7 +4,9 @@ eager PyTorch and this machine's measured ceilings."""
 from __future__ import annotations
 
 import json
+import math
 import platform
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -33,6 +35,13 @@ class Row:
     gbps: float
     fraction_of_copy: float
     matches_eager: bool
+    tflops: float = 0.0  # compute-bound ops (conv, linear) only
+    fraction_of_matmul: float = 0.0
+    compile_ms: float | None = None  # torch.compile of the eager code, when asked for
+
+    @property
+    def compute_bound(self) -> bool:
+        return self.tflops > 0
 
 
 def benchmark_backends(device: torch.device) -> list[str]:
@@ -43,27 +52,57 @@ def benchmark_backends(device: torch.device) -> list[str]:
     return names
 
 
-def run_case(case: Case, backend: str, dtype: torch.dtype, device: torch.device, limits, quick: bool) -> Row:
+def _repeats(case: Case, quick: bool) -> int:
+    """Fewer repeats for calls that take long (the big convolutions)."""
+    repeats = 5 if quick else 15
+    if case.flops > 2e10:
+        repeats = 3
+    return repeats
+
+
+def run_case(case: Case, backend: str, dtype: torch.dtype, device: torch.device, limits, quick: bool,
+             with_compile: bool = False) -> Row:
     torch.manual_seed(0)
     inputs = case.make_inputs(case.shape, dtype, device, case.channels_last)
-    repeats = 5 if quick else 15
-    with torch.no_grad():
+    repeats = _repeats(case, quick)
+    warmup = 1 if case.flops > 2e10 else 3
+    with torch.enable_grad() if case.needs_grad else torch.no_grad():
         expected = case.eager(*inputs)
-        eager_ms = time_ms(lambda: case.eager(*inputs), device, repeats=repeats)
+        expected = expected.detach().clone()
+        eager_ms = time_ms(lambda: case.eager(*inputs), device, repeats=repeats, warmup=warmup)
+        compile_ms = None
+        if with_compile:
+            compiled = torch.compile(case.eager)
+            compile_ms = time_ms(lambda: compiled(*inputs), device, repeats=repeats, warmup=2)
         with fastcnn.use_backend(backend):
-            got = case.fastcnn(*inputs)
-            ms = time_ms(lambda: case.fastcnn(*inputs), device, repeats=repeats)
+            got = case.fastcnn(*inputs).detach().clone()
+            ms = time_ms(lambda: case.fastcnn(*inputs), device, repeats=repeats, warmup=warmup)
     tol = {torch.float32: 1e-4, torch.float64: 1e-8}.get(dtype, 2e-2)
-    matches = bool(torch.allclose(got.float(), expected.float(), rtol=tol, atol=tol, equal_nan=True))
+    if case.compute_bound:  # sums of many terms: judged against the result's own scale
+        tol_abs = tol * max(1.0, float(expected.float().abs().max()))
+    else:
+        tol_abs = tol
+    matches = bool(torch.allclose(got.float(), expected.float(), rtol=tol, atol=tol_abs, equal_nan=True))
     gbps = case.bytes_moved(inputs, got) / ms / 1e6
+    tflops = case.flops / ms / 1e9
     return Row(case.op, case.label, "x".join(map(str, case.shape)), str(dtype).removeprefix("torch."), backend,
-               ms, eager_ms, eager_ms / ms, gbps, gbps / limits.copy_gbps, matches)
+               ms, eager_ms, eager_ms / ms, gbps, gbps / limits.copy_gbps, matches, tflops,
+               tflops / limits.matmul_tflops, compile_ms)
+
+
+def layer_set_cases(device: torch.device, nets: list[str] | None, backward: bool, channels_last: bool) -> list[Case]:
+    """Every distinct conv and FC layer of the networks (fastcnn/bench/layers.py)."""
+    from fastcnn.bench.layer_cases import layer_case
+    from fastcnn.bench.layers import distinct_layers
+    return [layer_case(layer, channels_last=channels_last, backward=backward) for layer in distinct_layers(nets)]
 
 
 def run(device: torch.device, dtype: torch.dtype, *, ops: list[str] | None = None, backends: list[str] | None = None,
-        quick: bool = False, console: Console | None = None):
+        quick: bool = False, console: Console | None = None, layers: bool = False, nets: list[str] | None = None,
+        backward: bool = False, with_compile: bool = False, channels_last: bool = True):
     console = console or Console()
-    selected = [c for c in cases(device, quick=quick) if ops is None or c.op in ops]
+    pool = (layer_set_cases(device, nets, backward, channels_last) if layers else cases(device, quick=quick))
+    selected = [c for c in pool if ops is None or c.op in ops]
     names = backends or benchmark_backends(device)
     console.print(f"[bold]fastcnn bench[/bold] on {describe(device)}; backends: {', '.join(names)}; dtype {dtype}")
     limits = ceilings_mod.measure(device, quick=quick)
@@ -75,7 +114,7 @@ def run(device: torch.device, dtype: torch.dtype, *, ops: list[str] | None = Non
         for case in selected:
             for backend in names:
                 progress.update(task, description=f"{case.op} {case.label} [{backend}]")
-                rows.append(run_case(case, backend, dtype, device, limits, quick))
+                rows.append(run_case(case, backend, dtype, device, limits, quick, with_compile))
                 progress.advance(task)
     return limits, rows
 
@@ -86,24 +125,62 @@ def describe(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
+def achieved(r: Row) -> tuple[str, str]:
+    """(achieved rate, its fraction of this machine's ceiling): TFLOP/s against the
+    matrix product for compute-bound ops, GB/s against the copy for the others."""
+    if r.compute_bound:
+        return f"{r.tflops:.3f} TFLOP/s", f"{100 * r.fraction_of_matmul:.0f}% of matmul"
+    return f"{r.gbps:.1f} GB/s", f"{100 * r.fraction_of_copy:.0f}% of copy"
+
+
+def _compile_text(r: Row) -> str:
+    return "" if r.compile_ms is None else f"{r.compile_ms:.3f}"
+
+
+def geomean_speedups(rows: list[Row]) -> dict[tuple[str, str], tuple[float, float, int]]:
+    """(op, backend) -> (geometric mean speedup, worst speedup, layer count)."""
+    groups: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for r in rows:
+        groups[(r.op, r.backend)].append(r.speedup)
+    return {k: (math.exp(sum(map(math.log, v)) / len(v)), min(v), len(v)) for k, v in groups.items()}
+
+
 def table(rows: list[Row], limits) -> Table:
-    t = Table(title=f"fastcnn vs eager PyTorch (copy ceiling {limits.copy_gbps:.0f} GB/s)")
-    for col in ("op", "case", "shape", "backend", "ms", "eager ms", "speedup", "GB/s", "% of copy", "ok"):
+    t = Table(title=f"fastcnn vs eager PyTorch (copy {limits.copy_gbps:.0f} GB/s, "
+                    f"matmul {limits.matmul_tflops:.2f} TFLOP/s)")
+    with_compile = any(r.compile_ms is not None for r in rows)
+    columns = ["op", "case", "shape", "backend", "ms", "eager ms", *(["compile ms"] if with_compile else []),
+               "speedup", "achieved", "of ceiling", "ok"]
+    for col in columns:
         t.add_column(col, justify="right" if col not in ("op", "case", "backend") else "left")
     for r in rows:
-        t.add_row(r.op, r.case, r.shape, r.backend, f"{r.ms:.3f}", f"{r.eager_ms:.3f}", f"{r.speedup:.2f}x",
-                  f"{r.gbps:.1f}", f"{100 * r.fraction_of_copy:.0f}%", "yes" if r.matches_eager else "NO")
+        t.add_row(r.op, r.case, r.shape, r.backend, f"{r.ms:.3f}", f"{r.eager_ms:.3f}",
+                  *([_compile_text(r)] if with_compile else []), f"{r.speedup:.2f}x", *achieved(r),
+                  "yes" if r.matches_eager else "NO")
     return t
 
 
+def summary_lines(rows: list[Row]) -> list[str]:
+    return [f"{op} [{backend}]: geometric mean {g:.2f}x eager over {n} cases, worst {worst:.2f}x"
+            for (op, backend), (g, worst, n) in geomean_speedups(rows).items() if n > 1]
+
+
 def markdown(rows: list[Row], limits, device: torch.device) -> str:
+    with_compile = any(r.compile_ms is not None for r in rows)
     lines = [f"Device: {describe(device)}; torch {torch.__version__}; measured copy {limits.copy_gbps:.1f} GB/s, "
              f"{limits.matmul_dtype} matmul {limits.matmul_tflops:.2f} TFLOP/s", "",
-             "| op | case | shape | dtype | backend | ms | eager ms | speedup | GB/s | % of copy | matches eager |",
-             "| --- | --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | --- |"]
+             "| op | case | shape | dtype | backend | ms | eager ms |" + (" compile ms |" if with_compile else "")
+             + " speedup | achieved | of ceiling | matches eager |",
+             "| --- | --- | --- | --- | --- | ---: | ---: |" + (" ---: |" if with_compile else "")
+             + " ---: | ---: | ---: | --- |"]
     for r in rows:
+        rate, fraction = achieved(r)
         lines.append(f"| {r.op} | {r.case} | {r.shape} | {r.dtype} | {r.backend} | {r.ms:.3f} | {r.eager_ms:.3f} | "
-                     f"{r.speedup:.2f}x | {r.gbps:.1f} | {100 * r.fraction_of_copy:.0f}% | {r.matches_eager} |")
+                     + (f"{_compile_text(r)} | " if with_compile else "")
+                     + f"{r.speedup:.2f}x | {rate} | {fraction} | {r.matches_eager} |")
+    summary = summary_lines(rows)
+    if summary:
+        lines += ["", *[f"- {line}" for line in summary]]
     return "\n".join(lines) + "\n"
 
 

@@ -1,0 +1,417 @@
+"""fastcnn::conv2d: the seed's residual block in one kernel,
+
+    out = act(conv2d(input, weight; stride, padding, dilation, groups) + bias + residual)
+
+with bias and residual optional. The kernels are implicit GEMMs (M = N·OH·OW output
+pixels, N = output channels, K = C/groups·KH·KW) that apply the epilogue to the tile
+before storing it, so the output is written once instead of four times.
+
+- fastcnn::conv2d_into writes the result into a channel slice of a larger tensor
+  (an Inception module's branches fill one output, no torch.cat); inference only.
+- Backward: fastcnn::bias_act_backward turns the output gradient into the
+  pre-activation gradient (from the saved output) and the bias gradient in one
+  pass; that gradient is the residual's gradient as it is, and feeds
+  fastcnn::conv2d_input_grad (a gather-style implicit GEMM: strides by index math,
+  no zero insertion) and fastcnn::conv2d_weight_grad (a reduction over N·OH·OW in
+  an order fixed by the shape: the same bits every run).
+
+Kernels take every tensor with its strides, so NCHW, channels_last and slices all
+run without copies; channels_last is the layout they are fast in. The output
+follows the input's layout, as in PyTorch. Padding travels as four ints
+(top, left, bottom, right): see conv_geometry.py.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastcnn import _native, backends
+from fastcnn.ops.checks import check_act, check_matches, check_tensor
+from fastcnn.ops.conv_geometry import ConvParams, conv_params, geometry
+from fastcnn.ops.launch import backend_table
+from fastcnn.ops.layout import new_like
+from fastcnn.ops.triton_route import route_to_triton_when_compiled
+
+ACTS = (None, "relu", "tanh", "sigmoid")
+
+
+def check_conv2d(input, weight, bias, residual, stride, padding, dilation, groups, act) -> ConvParams:
+    check_tensor("input", input, ndim=4)
+    check_tensor("weight", weight, ndim=4)
+    check_matches("weight", weight, "input", input, shape=False)
+    params = conv_params(input, weight, stride, padding, dilation, groups)
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+        check_matches("bias", bias, "input", input, shape=False)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have weight.shape[0] = {weight.shape[0]} elements, got shape "
+                             f"{tuple(bias.shape)}")
+    if residual is not None:
+        check_tensor("residual", residual, ndim=4)
+        check_matches("residual", residual, "input", input, shape=False)
+        expected = output_shape(input, weight, params)
+        if tuple(residual.shape) != expected:
+            raise ValueError(f"residual must have the output's shape {expected}, got {tuple(residual.shape)}")
+    check_act(act, ACTS)
+    return params
+
+
+def output_shape(input, weight, params: ConvParams) -> tuple[int, int, int, int]:
+    return (input.shape[0], weight.shape[0], *params.output_hw(*input.shape[2:], *weight.shape[2:]))
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _ptr(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _strides(t: Optional[Tensor]) -> list[int]:
+    return [0, 0, 0, 0] if t is None else list(t.stride())
+
+
+# --- the torch reference: PyTorch's convolution in the accumulation dtype
+
+def torch_act(y: Tensor, act) -> Tensor:
+    return {None: lambda v: v, "relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}[act](y)
+
+
+def _symmetric(params: ConvParams) -> bool:
+    top, left, bottom, right = params.padding
+    return top == bottom and left == right
+
+
+def _padded_for_torch(x: Tensor, params: ConvParams) -> tuple[Tensor, list[int]]:
+    """x and the padding to give PyTorch: uneven padding is applied explicitly."""
+    if _symmetric(params):
+        return x, list(params.padding[:2])
+    top, left, bottom, right = params.padding
+    return F.pad(x, (left, right, top, bottom)), [0, 0]
+
+
+def _torch_conv2d(x, w, bias, residual, out, params: ConvParams, act):
+    acc = acc_dtype(out.dtype)
+    xp, pad = _padded_for_torch(x.to(acc), params)
+    y = F.conv2d(xp, w.to(acc), None if bias is None else bias.to(acc), params.stride, pad, params.dilation,
+                 params.groups)
+    if residual is not None:
+        y = y + residual.to(acc)
+    out.copy_(torch_act(y, act))
+
+
+def _cpu_conv2d(x, w, bias, residual, out, params, act):
+    _native.load("_cpu").conv2d_forward(
+        x.data_ptr(), list(x.stride()), w.data_ptr(), list(w.stride()), _ptr(bias), _ptr(residual),
+        _strides(residual), out.data_ptr(), list(out.stride()), geometry(params, x.shape, w.shape),
+        _native.dtype_code(out), _native.ACT_CODES[act])
+
+
+def _cuda_conv2d(x, w, bias, residual, out, params, act):
+    _native.load("_cuda").conv2d_forward(
+        x.data_ptr(), list(x.stride()), w.data_ptr(), list(w.stride()), _ptr(bias), _ptr(residual),
+        _strides(residual), out.data_ptr(), list(out.stride()), geometry(params, x.shape, w.shape),
+        _native.dtype_code(out), _native.ACT_CODES[act], _native.stream_of(out))
+
+
+def _triton_conv2d(x, w, bias, residual, out, params, act):
+    from fastcnn.triton import conv2d as kernels
+    kernels.conv2d_forward(x, w, bias, residual, out, geometry(params, x.shape, w.shape), act,
+                           torch.backends.cudnn.allow_tf32)
+
+
+FORWARD = backend_table(torch=_torch_conv2d, cpu=_cpu_conv2d, cuda=_cuda_conv2d, triton=_triton_conv2d)
+
+
+def _launch_forward(launch, input, weight, bias, residual, out, params, act) -> None:
+    if not out.numel():
+        return
+    if weight.shape[1] == 0:  # no input channels: nothing to sum, only the epilogue
+        _torch_conv2d(input, weight, bias, residual, out, params, act)
+        return
+    launch(input, weight, None if bias is None else bias.contiguous(), residual, out, params, act)
+
+
+def _new_output(input, weight, params) -> Tensor:
+    return new_like(input, output_shape(input, weight, params))
+
+
+def _run_forward(launch, input, weight, bias, residual, stride, padding, dilation, groups, act) -> Tensor:
+    params = check_conv2d(input, weight, bias, residual, stride, padding, dilation, groups, act)
+    out = _new_output(input, weight, params)
+    _launch_forward(launch, input, weight, bias, residual, out, params, act)
+    return out
+
+
+@torch.library.custom_op("fastcnn::conv2d", mutates_args=())
+def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], stride: list[int],
+           padding: list[int], dilation: list[int], groups: int, act: Optional[str]) -> Tensor:
+    return _run_forward(FORWARD[backends.resolve(input.device)], input, weight, bias, residual, stride, padding,
+                        dilation, groups, act)
+
+
+@conv2d.register_fake
+def _(input, weight, bias, residual, stride, padding, dilation, groups, act):
+    params = check_conv2d(input, weight, bias, residual, stride, padding, dilation, groups, act)
+    return _new_output(input, weight, params)
+
+
+# --- writing into a channel slice of a larger output (inference: the op mutates `out`)
+
+def check_conv2d_into(out, channel_offset, input, weight, params: ConvParams) -> Tensor:
+    """The slice of out the convolution fills, after checking it fits."""
+    check_tensor("out", out, ndim=4)
+    check_matches("out", out, "input", input, shape=False)
+    if isinstance(channel_offset, bool) or not isinstance(channel_offset, int):
+        raise TypeError(f"channel_offset must be an int, got {channel_offset!r}")
+    k = weight.shape[0]
+    if channel_offset < 0 or channel_offset + k > out.shape[1]:
+        raise ValueError(f"channel_offset {channel_offset} + {k} output channels does not fit in out's "
+                         f"{out.shape[1]} channels")
+    expected = output_shape(input, weight, params)
+    got = (out.shape[0], k, *out.shape[2:])
+    if got != expected:
+        raise ValueError(f"out must have batch and spatial size of the output {expected}, got shape "
+                         f"{tuple(out.shape)}")
+    return out.narrow(1, channel_offset, k)
+
+
+@torch.library.custom_op("fastcnn::conv2d_into", mutates_args=("out",))
+def conv2d_into(out: Tensor, channel_offset: int, input: Tensor, weight: Tensor, bias: Optional[Tensor],
+                residual: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int],
+                groups: int, act: Optional[str]) -> None:
+    params = check_conv2d(input, weight, bias, residual, stride, padding, dilation, groups, act)
+    target = check_conv2d_into(out, channel_offset, input, weight, params)
+    _launch_forward(FORWARD[backends.resolve(input.device)], input, weight, bias, residual, target, params, act)
+
+
+@conv2d_into.register_fake
+def _(out, channel_offset, input, weight, bias, residual, stride, padding, dilation, groups, act):
+    params = check_conv2d(input, weight, bias, residual, stride, padding, dilation, groups, act)
+    check_conv2d_into(out, channel_offset, input, weight, params)
+
+
+# --- input gradient: grad_input = conv_transpose(grad_pre, weight), as a gather
+
+def check_conv2d_input_grad(grad, weight, input_size, stride, padding, dilation, groups) -> ConvParams:
+    check_tensor("grad", grad, ndim=4)
+    check_tensor("weight", weight, ndim=4)
+    check_matches("weight", weight, "grad", grad, shape=False)
+    return _check_backward_shapes(grad, torch.empty(input_size, device="meta"), weight, stride, padding, dilation,
+                                  groups)
+
+
+def _check_backward_shapes(grad, input, weight, stride, padding, dilation, groups) -> ConvParams:
+    if len(input.shape) != 4:
+        raise ValueError(f"input_size must have 4 entries, got {list(input.shape)}")
+    params = conv_params(input, weight, stride, padding, dilation, groups)
+    expected = output_shape(input, weight, params)
+    if tuple(grad.shape) != expected:
+        raise ValueError(f"grad must have the output's shape {expected}, got {tuple(grad.shape)}")
+    return params
+
+
+def _torch_conv2d_input_grad(grad, w, grad_x, params: ConvParams):
+    acc = acc_dtype(grad_x.dtype)
+    top, left, bottom, right = params.padding
+    n, c, h, wd = grad_x.shape
+    padded = torch.empty((n, c, h + top + bottom, wd + left + right), dtype=acc, device=grad_x.device)
+    gx = torch.ops.aten.convolution_backward(
+        grad.to(acc), padded, w.to(acc), None, list(params.stride), [0, 0], list(params.dilation), False, [0, 0],
+        params.groups, [True, False, False])[0]
+    grad_x.copy_(gx[:, :, top:top + h, left:left + wd])
+
+
+def _cpu_conv2d_input_grad(grad, w, grad_x, params):
+    _native.load("_cpu").conv2d_input_grad(
+        grad.data_ptr(), list(grad.stride()), w.data_ptr(), list(w.stride()), grad_x.data_ptr(),
+        list(grad_x.stride()), geometry(params, grad_x.shape, w.shape), _native.dtype_code(grad_x))
+
+
+def _cuda_conv2d_input_grad(grad, w, grad_x, params):
+    _native.load("_cuda").conv2d_input_grad(
+        grad.data_ptr(), list(grad.stride()), w.data_ptr(), list(w.stride()), grad_x.data_ptr(),
+        list(grad_x.stride()), geometry(params, grad_x.shape, w.shape), _native.dtype_code(grad_x),
+        _native.stream_of(grad_x))
+
+
+def _triton_conv2d_input_grad(grad, w, grad_x, params):
+    from fastcnn.triton import conv2d as kernels
+    kernels.conv2d_input_grad(grad, w, grad_x, geometry(params, grad_x.shape, w.shape),
+                              torch.backends.cudnn.allow_tf32)
+
+
+INPUT_GRAD = backend_table(torch=_torch_conv2d_input_grad, cpu=_cpu_conv2d_input_grad,
+                           cuda=_cuda_conv2d_input_grad, triton=_triton_conv2d_input_grad)
+
+
+def _run_input_grad(launch, grad, weight, input_size, stride, padding, dilation, groups) -> Tensor:
+    params = check_conv2d_input_grad(grad, weight, input_size, stride, padding, dilation, groups)
+    grad_x = new_like(grad, input_size)
+    if grad_x.numel():
+        if grad.numel() and weight.numel():
+            launch(grad, weight, grad_x, params)
+        else:  # nothing reaches the input
+            grad_x.zero_()
+    return grad_x
+
+
+@torch.library.custom_op("fastcnn::conv2d_input_grad", mutates_args=())
+def conv2d_input_grad(grad: Tensor, weight: Tensor, input_size: list[int], stride: list[int], padding: list[int],
+                      dilation: list[int], groups: int) -> Tensor:
+    return _run_input_grad(INPUT_GRAD[backends.resolve(grad.device)], grad, weight, input_size, stride, padding,
+                           dilation, groups)
+
+
+@conv2d_input_grad.register_fake
+def _(grad, weight, input_size, stride, padding, dilation, groups):
+    check_conv2d_input_grad(grad, weight, input_size, stride, padding, dilation, groups)
+    return new_like(grad, input_size)
+
+
+# --- weight gradient: a reduction over N·OH·OW, in an order fixed by the shape
+
+def check_conv2d_weight_grad(grad, input, weight_size, stride, padding, dilation, groups) -> ConvParams:
+    check_tensor("grad", grad, ndim=4)
+    check_tensor("input", input, ndim=4)
+    check_matches("input", input, "grad", grad, shape=False)
+    if len(weight_size) != 4:
+        raise ValueError(f"weight_size must have 4 entries, got {list(weight_size)}")
+    return _check_backward_shapes(grad, input, torch.empty(weight_size, device="meta"), stride, padding, dilation,
+                                  groups)
+
+
+def _torch_conv2d_weight_grad(grad, x, grad_w, params: ConvParams):
+    acc = acc_dtype(grad_w.dtype)
+    xp, pad = _padded_for_torch(x.to(acc), params)
+    weight = torch.empty(grad_w.shape, dtype=acc, device=grad_w.device)
+    gw = torch.ops.aten.convolution_backward(
+        grad.to(acc), xp, weight, None, list(params.stride), pad, list(params.dilation), False, [0, 0],
+        params.groups, [False, True, False])[1]
+    grad_w.copy_(gw)
+
+
+def _cpu_conv2d_weight_grad(grad, x, grad_w, params):
+    _native.load("_cpu").conv2d_weight_grad(
+        grad.data_ptr(), list(grad.stride()), x.data_ptr(), list(x.stride()), grad_w.data_ptr(),
+        list(grad_w.stride()), geometry(params, x.shape, grad_w.shape), _native.dtype_code(grad_w))
+
+
+def _cuda_conv2d_weight_grad(grad, x, grad_w, params):
+    module = _native.load("_cuda")
+    geom = geometry(params, x.shape, grad_w.shape)
+    code = _native.dtype_code(grad_w)
+    workspace = torch.empty(module.conv2d_weight_grad_workspace(geom, code), dtype=acc_dtype(grad_w.dtype),
+                            device=grad_w.device)
+    module.conv2d_weight_grad(grad.data_ptr(), list(grad.stride()), x.data_ptr(), list(x.stride()),
+                              grad_w.data_ptr(), list(grad_w.stride()), workspace.data_ptr(), geom, code,
+                              _native.stream_of(grad_w))
+
+
+def _triton_conv2d_weight_grad(grad, x, grad_w, params):
+    from fastcnn.triton import conv2d as kernels
+    kernels.conv2d_weight_grad(grad, x, grad_w, geometry(params, x.shape, grad_w.shape),
+                               torch.backends.cudnn.allow_tf32)
+
+
+WEIGHT_GRAD = backend_table(torch=_torch_conv2d_weight_grad, cpu=_cpu_conv2d_weight_grad,
+                            cuda=_cuda_conv2d_weight_grad, triton=_triton_conv2d_weight_grad)
+
+
+def _new_weight_grad(grad, weight_size) -> Tensor:
+    return torch.empty(weight_size, dtype=grad.dtype, device=grad.device)
+
+
+def _run_weight_grad(launch, grad, input, weight_size, stride, padding, dilation, groups) -> Tensor:
+    params = check_conv2d_weight_grad(grad, input, weight_size, stride, padding, dilation, groups)
+    grad_w = _new_weight_grad(grad, weight_size)
+    if grad_w.numel():
+        if grad.numel():
+            launch(grad, input, grad_w, params)
+        else:  # an empty batch: the sum over no terms
+            grad_w.zero_()
+    return grad_w
+
+
+@torch.library.custom_op("fastcnn::conv2d_weight_grad", mutates_args=())
+def conv2d_weight_grad(grad: Tensor, input: Tensor, weight_size: list[int], stride: list[int], padding: list[int],
+                       dilation: list[int], groups: int) -> Tensor:
+    return _run_weight_grad(WEIGHT_GRAD[backends.resolve(grad.device)], grad, input, weight_size, stride, padding,
+                            dilation, groups)
+
+
+@conv2d_weight_grad.register_fake
+def _(grad, input, weight_size, stride, padding, dilation, groups):
+    check_conv2d_weight_grad(grad, input, weight_size, stride, padding, dilation, groups)
+    return _new_weight_grad(grad, weight_size)
+
+
+# --- autograd
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, residual, stride, padding, dilation, groups, act = inputs
+    ctx.conv = (list(stride), list(padding), list(dilation), groups)
+    ctx.act = act
+    ctx.has_bias = bias is not None
+    ctx.has_residual = residual is not None
+    ctx.input_shape = list(input.shape)
+    ctx.weight_shape = list(weight.shape)
+    # The activation's gradient is taken from the output; without one it is not needed.
+    ctx.save_for_backward(input, weight, output if act is not None else None)
+
+
+def pre_activation_grad(grad: Tensor, out: Optional[Tensor], act, has_bias: bool):
+    """(gradient before the activation, bias gradient or None), in one fastcnn pass when needed."""
+    if act is None and not has_bias:
+        return grad, None
+    if act is None:
+        out = grad  # only its shape and layout matter to bias_act_backward without an activation
+    grad_pre, grad_bias = torch.ops.fastcnn.bias_act_backward(grad, out, act)
+    return grad_pre, grad_bias if has_bias else None
+
+
+def _backward(ctx, grad):
+    input, weight, out = ctx.saved_tensors
+    grad_pre, grad_bias = pre_activation_grad(grad, out, ctx.act, ctx.has_bias)
+    grad_input = grad_weight = None
+    if ctx.needs_input_grad[0]:
+        grad_input = torch.ops.fastcnn.conv2d_input_grad(grad_pre, weight, ctx.input_shape, *ctx.conv)
+    if ctx.needs_input_grad[1]:
+        grad_weight = torch.ops.fastcnn.conv2d_weight_grad(grad_pre, input, ctx.weight_shape, *ctx.conv)
+    grad_residual = grad_pre if ctx.has_residual else None
+    return grad_input, grad_weight, grad_bias, grad_residual, None, None, None, None, None
+
+
+conv2d.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --- Triton twins that torch.compile traces into (see triton_route.py)
+
+@torch.library.triton_op("fastcnn::conv2d_triton", mutates_args=())
+def conv2d_triton(input: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor],
+                  stride: list[int], padding: list[int], dilation: list[int], groups: int,
+                  act: Optional[str]) -> Tensor:
+    return _run_forward(_triton_conv2d, input, weight, bias, residual, stride, padding, dilation, groups, act)
+
+
+@torch.library.triton_op("fastcnn::conv2d_input_grad_triton", mutates_args=())
+def conv2d_input_grad_triton(grad: Tensor, weight: Tensor, input_size: list[int], stride: list[int],
+                             padding: list[int], dilation: list[int], groups: int) -> Tensor:
+    return _run_input_grad(_triton_conv2d_input_grad, grad, weight, input_size, stride, padding, dilation, groups)
+
+
+@torch.library.triton_op("fastcnn::conv2d_weight_grad_triton", mutates_args=())
+def conv2d_weight_grad_triton(grad: Tensor, input: Tensor, weight_size: list[int], stride: list[int],
+                              padding: list[int], dilation: list[int], groups: int) -> Tensor:
+    return _run_weight_grad(_triton_conv2d_weight_grad, grad, input, weight_size, stride, padding, dilation,
+                            groups)
+
+
+route_to_triton_when_compiled(conv2d, conv2d_triton)
+route_to_triton_when_compiled(conv2d_input_grad, conv2d_input_grad_triton)
+route_to_triton_when_compiled(conv2d_weight_grad, conv2d_weight_grad_triton)

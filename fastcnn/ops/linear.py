@@ -1,0 +1,139 @@
+"""fastcnn::linear: a fully connected layer as one GEMM with a fused epilogue,
+
+    out = act(input @ weight.T + bias)
+
+input (..., in_features), weight (out_features, in_features) as torch.nn.Linear
+keeps it. The kernels take every operand with its strides, so the backward is
+made of the same op on transposed views, with no copies:
+
+    grad_pre, grad_bias = fastcnn::bias_act_backward(grad, out, act)
+    grad_input  = linear(grad_pre, weight.T)        (M x N) @ (N x K)
+    grad_weight = linear(grad_pre.T, input.T)       (N x M) @ (M x K): a reduction
+                                                     over the batch, in a fixed order
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastcnn import _native, backends
+from fastcnn.ops.checks import check_act, check_matches, check_tensor
+from fastcnn.ops.conv2d import acc_dtype, pre_activation_grad, torch_act
+from fastcnn.ops.launch import backend_table
+from fastcnn.ops.triton_route import route_to_triton_when_compiled
+
+ACTS = (None, "relu", "tanh", "sigmoid")
+
+
+def check_linear(input, weight, bias, act) -> None:
+    check_tensor("input", input, min_ndim=1)
+    check_tensor("weight", weight, ndim=2)
+    check_matches("weight", weight, "input", input, shape=False)
+    if input.shape[-1] != weight.shape[1]:
+        raise ValueError(f"input's last dimension {input.shape[-1]} does not match weight.shape[1] = "
+                         f"{weight.shape[1]} (weight is (out_features, in_features))")
+    if bias is not None:
+        check_tensor("bias", bias, ndim=1)
+        check_matches("bias", bias, "input", input, shape=False)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"bias must have weight.shape[0] = {weight.shape[0]} elements, got shape "
+                             f"{tuple(bias.shape)}")
+    check_act(act, ACTS)
+
+
+# --- kernels, one per backend: (a [M, K], b [N, K], bias [N] or None, out [M, N], act), any strides
+
+def _torch_linear(a, b, bias, out, act):
+    acc = acc_dtype(out.dtype)
+    y = F.linear(a.to(acc), b.to(acc), None if bias is None else bias.to(acc))
+    out.copy_(torch_act(y, act))
+
+
+def _cpu_linear(a, b, bias, out, act):
+    (m, k), n = a.shape, b.shape[0]
+    _native.load("_cpu").linear(a.data_ptr(), *a.stride(), b.data_ptr(), *b.stride(),
+                                0 if bias is None else bias.data_ptr(), out.data_ptr(), *out.stride(), m, n, k,
+                                _native.dtype_code(out), _native.ACT_CODES[act])
+
+
+def _cuda_linear(a, b, bias, out, act):
+    (m, k), n = a.shape, b.shape[0]
+    module = _native.load("_cuda")
+    code = _native.dtype_code(out)
+    workspace = torch.empty(module.linear_workspace(m, n, k, code), dtype=acc_dtype(out.dtype), device=out.device)
+    module.linear(a.data_ptr(), *a.stride(), b.data_ptr(), *b.stride(), 0 if bias is None else bias.data_ptr(),
+                  out.data_ptr(), *out.stride(), workspace.data_ptr(), m, n, k, code, _native.ACT_CODES[act],
+                  _native.stream_of(out))
+
+
+def _triton_linear(a, b, bias, out, act):
+    from fastcnn.triton import linear as kernels
+    kernels.linear(a, b, bias, out, act, torch.backends.cuda.matmul.allow_tf32)
+
+
+FORWARD = backend_table(torch=_torch_linear, cpu=_cpu_linear, cuda=_cuda_linear, triton=_triton_linear)
+
+
+def _output_shape(input, weight) -> list[int]:
+    return [*input.shape[:-1], weight.shape[0]]
+
+
+def _run_forward(launch, input, weight, bias, act) -> Tensor:
+    check_linear(input, weight, bias, act)
+    out = input.new_empty(_output_shape(input, weight))
+    if out.numel():
+        (n, k), m = weight.shape, math.prod(input.shape[:-1])
+        a = input.reshape(m, k)  # a view whenever the leading dims allow one
+        bias = None if bias is None else bias.contiguous()
+        # An empty reduction (no input features) leaves only the epilogue.
+        run = launch if k else _torch_linear
+        run(a, weight, bias, out.view(m, n), act)
+    return out
+
+
+@torch.library.custom_op("fastcnn::linear", mutates_args=())
+def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor], act: Optional[str]) -> Tensor:
+    return _run_forward(FORWARD[backends.resolve(input.device)], input, weight, bias, act)
+
+
+@linear.register_fake
+def _(input, weight, bias, act):
+    check_linear(input, weight, bias, act)
+    return input.new_empty(_output_shape(input, weight))
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, act = inputs
+    ctx.act = act
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(input, weight, output if act is not None else None)
+
+
+def _backward(ctx, grad):
+    input, weight, out = ctx.saved_tensors
+    (n, k), m = weight.shape, math.prod(input.shape[:-1])
+    grad2 = grad.reshape(m, n)
+    out2 = None if out is None else out.reshape(m, n)
+    grad_pre, grad_bias = pre_activation_grad(grad2, out2, ctx.act, ctx.has_bias)
+    grad_input = grad_weight = None
+    if ctx.needs_input_grad[0]:
+        grad_input = torch.ops.fastcnn.linear(grad_pre, weight.t(), None, None).view(input.shape)
+    if ctx.needs_input_grad[1]:
+        grad_weight = torch.ops.fastcnn.linear(grad_pre.t(), input.reshape(m, k).t(), None, None)
+    return grad_input, grad_weight, grad_bias, None
+
+
+linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.triton_op("fastcnn::linear_triton", mutates_args=())
+def linear_triton(input: Tensor, weight: Tensor, bias: Optional[Tensor], act: Optional[str]) -> Tensor:
+    return _run_forward(_triton_linear, input, weight, bias, act)
+
+
+route_to_triton_when_compiled(linear, linear_triton)

@@ -1,0 +1,51 @@
+"""The benchmark runner (`python -m fastcnn bench`): rows, rates against the
+ceilings, summaries and the command line, on cheap cases."""
+
+import json
+
+import torch
+
+from fastcnn import __main__ as cli
+from fastcnn.bench import runner
+from fastcnn.bench.ceilings import Ceilings
+from fastcnn.bench.layer_cases import conv_case, linear_case
+from fastcnn.bench.layers import ConvLayer, LinearLayer
+
+LIMITS = Ceilings(copy_gbps=10.0, matmul_tflops=0.1, matmul_dtype="float32")
+SMALL_CONV = ConvLayer("test", "conv", 2, 4, (9, 9), 6, 3, 1, 1)
+SMALL_FC = LinearLayer("test", "fc", 3, 16, 5)
+
+
+def test_conv_case_forward_and_backward_rows():
+    for backward in (False, True):
+        case = conv_case(SMALL_CONV, channels_last=True, backward=backward)
+        row = runner.run_case(case, "torch", torch.float32, torch.device("cpu"), LIMITS, quick=True)
+        assert row.matches_eager, row
+        assert row.compute_bound and row.tflops > 0
+        assert row.fraction_of_matmul == row.tflops / LIMITS.matmul_tflops
+        assert case.flops == 2 * SMALL_CONV.macs * (3 if backward else 1)
+
+
+def test_linear_case_row_and_markdown(tmp_path):
+    rows = [runner.run_case(linear_case(SMALL_FC, backward=b), "torch", torch.float32, torch.device("cpu"), LIMITS,
+                            quick=True) for b in (False, True)]
+    assert all(r.matches_eager for r in rows)
+    text = runner.markdown(rows, LIMITS, torch.device("cpu"))
+    assert "TFLOP/s" in text and "% of matmul" in text
+    assert "linear [torch]: geometric mean" in text
+    runner.save(rows, LIMITS, torch.device("cpu"), str(tmp_path / "r.json"), None)
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert len(saved["rows"]) == 2 and saved["rows"][0]["tflops"] > 0
+
+
+def test_geomean_speedups():
+    def row(speedup):
+        return runner.Row("conv2d", "c", "s", "float32", "cpu", 1.0, speedup, speedup, 0, 0, True)
+    summary = runner.geomean_speedups([row(2.0), row(0.5), row(1.0)])
+    mean, worst, n = summary[("conv2d", "cpu")]
+    assert abs(mean - 1.0) < 1e-12 and worst == 0.5 and n == 3
+
+
+def test_cli_layers_arguments():
+    args = cli.parse_args(["bench", "--layers", "--nets", "lenet5", "--backward", "--compile"])
+    assert args.layers and args.nets == ["lenet5"] and args.backward and args.compile and not args.nchw

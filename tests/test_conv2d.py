@@ -1,0 +1,437 @@
+"""fastcnn::conv2d against torch: act(conv2d(x, w) + bias + residual), forward and
+every gradient, on every backend, for odd geometries and for every distinct
+convolution of the classic networks; the channel-slice output; the backward ops
+on their own; bad input."""
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+
+import fastcnn
+from fastcnn import functional as F
+from fastcnn.bench.layers import conv_layers
+from fastcnn.ops.layout import memory_format_of
+from conftest import DTYPES, LAYOUTS, assert_close, make_input
+
+ACTS = [None, "relu", "tanh", "sigmoid"]
+TORCH_ACTS = {None: lambda v: v, "relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+
+
+@pytest.fixture(autouse=True)
+def exact_float32_reference():
+    """TF32 off on the GPU, so that float32 is float32 (as the reference is)."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+@dataclass(frozen=True)
+class Conv:
+    name: str
+    n: int
+    c: int
+    h: int
+    w: int
+    k: int
+    kernel: tuple
+    stride: object = 1
+    padding: object = 0
+    dilation: object = 1
+    groups: int = 1
+
+    def __str__(self):
+        return self.name
+
+
+ODD = [
+    Conv("c1", 2, 1, 7, 9, 4, (3, 3), padding=1),
+    Conv("c3_5x5_s2", 2, 3, 11, 13, 5, (5, 5), stride=2, padding=2),
+    Conv("prime", 1, 5, 13, 11, 7, (3, 3), padding=1),
+    Conv("h_ne_w_rect_kernel", 2, 4, 6, 9, 3, (2, 3), stride=(2, 1), padding=(1, 0)),
+    Conv("stride3", 2, 4, 10, 11, 6, (3, 3), stride=3, padding=1),
+    Conv("dilation2", 2, 4, 9, 9, 5, (3, 3), padding=2, dilation=2),
+    Conv("groups2", 2, 6, 8, 7, 4, (3, 3), padding=1, groups=2),
+    Conv("depthwise", 2, 6, 7, 8, 6, (3, 3), padding=1, groups=6),
+    Conv("image_1x1", 3, 8, 1, 1, 5, (1, 1)),
+    Conv("image_1x1_padded", 2, 3, 1, 1, 4, (3, 3), padding=1),
+    Conv("kernel_fills_padded_input", 2, 3, 5, 4, 4, (7, 6), padding=1),
+    Conv("same_even_kernel", 2, 4, 7, 6, 3, (4, 2), padding="same"),
+    Conv("pointwise", 2, 16, 5, 6, 12, (1, 1)),
+    Conv("pointwise_stride2", 2, 8, 7, 7, 9, (1, 1), stride=2),
+    Conv("k1", 2, 5, 6, 6, 1, (3, 3), padding=1),
+]
+
+
+def make_weight(conv: Conv, dtype, device, layout="nchw", requires_grad=False):
+    """Scaled as a layer's initialisation would be, so outputs are O(1) whatever the fan-in."""
+    fan_in = conv.c // conv.groups * conv.kernel[0] * conv.kernel[1]
+    w = torch.randn(conv.k, conv.c // conv.groups, *conv.kernel) / fan_in ** 0.5
+    w = w.to(device=device, dtype=dtype)
+    if layout == "channels_last":
+        w = w.contiguous(memory_format=torch.channels_last)
+    return w.requires_grad_(requires_grad)
+
+
+def out_shape(conv: Conv):
+    x = torch.empty(conv.n, conv.c, conv.h, conv.w, device="meta")
+    w = torch.empty(conv.k, conv.c // conv.groups, *conv.kernel, device="meta")
+    return tuple(torch.nn.functional.conv2d(x, w, None, conv.stride, conv.padding, conv.dilation, conv.groups).shape)
+
+
+def reference(conv: Conv, x, w, bias, residual, act):
+    """The eager composition in float64, from the same (rounded) inputs."""
+    y = torch.nn.functional.conv2d(x.double(), w.double(), None if bias is None else bias.double(), conv.stride,
+                                   conv.padding, conv.dilation, conv.groups)
+    if residual is not None:
+        y = y + residual.double()
+    return TORCH_ACTS[act](y)
+
+
+def run_fastcnn(conv: Conv, x, w, bias, residual, act):
+    return F.conv2d(x, w, bias, conv.stride, conv.padding, conv.dilation, conv.groups, residual=residual, act=act)
+
+
+def inputs(conv: Conv, dtype, device, layout="channels_last", *, bias=True, residual=True, requires_grad=False,
+           weight_layout="nchw"):
+    x = make_input((conv.n, conv.c, conv.h, conv.w), dtype, device, layout, requires_grad)
+    w = make_weight(conv, dtype, device, weight_layout, requires_grad)
+    b = torch.randn(conv.k).to(device=device, dtype=dtype).requires_grad_(requires_grad) if bias else None
+    r = make_input(out_shape(conv), dtype, device, layout, requires_grad) if residual else None
+    return x, w, b, r
+
+
+def check_forward_and_grads(conv: Conv, dtype, device, layout, act, *, bias=True, residual=True,
+                            weight_layout="nchw", grads=True):
+    x, w, b, r = inputs(conv, dtype, device, layout, bias=bias, residual=residual, requires_grad=grads,
+                        weight_layout=weight_layout)
+    out = run_fastcnn(conv, x, w, b, r, act)
+    leaves = [t for t in (x, w, b, r) if t is not None]
+    ref_leaves = [t.detach().double().requires_grad_(grads) for t in leaves]
+    ref_args = iter(ref_leaves)
+    ref = reference(conv, next(ref_args), next(ref_args), next(ref_args) if bias else None,
+                    next(ref_args) if residual else None, act)
+    assert out.dtype == dtype and out.shape == ref.shape
+    assert out.is_contiguous(memory_format=memory_format_of(x))
+    assert_close(out, ref.to(dtype))
+    if not grads:
+        return
+    grad = make_input(out.shape, dtype, device, "nchw")
+    out.backward(grad)
+    # torch's backward sees the rounded output, as fastcnn's does.
+    ref.backward(grad.double())
+    for name, got, expected in zip("xwbr", leaves, ref_leaves):
+        assert got.grad is not None, name
+        assert got.grad.shape == got.shape, name
+        # A weight or bias gradient sums over the batch and every output pixel.
+        reduction = conv.n * out.shape[2] * out.shape[3] if name in "wb" else 1
+        assert_close(got.grad, expected.grad.to(dtype), scale=max(1.0, reduction ** 0.5 / 4))
+
+
+@pytest.mark.parametrize("conv", ODD, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_odd_geometries(backend_device, conv, layout):
+    _, device = backend_device
+    check_forward_and_grads(conv, torch.float32, device, layout, "relu", residual=conv.n == 2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("conv", [ODD[1], ODD[6], ODD[12]], ids=str)
+def test_dtypes(backend_device, conv, dtype):
+    _, device = backend_device
+    check_forward_and_grads(conv, dtype, device, "channels_last", "relu")
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("bias, residual", [(False, False), (True, False), (False, True), (True, True)])
+def test_epilogues(backend_device, act, bias, residual):
+    _, device = backend_device
+    check_forward_and_grads(ODD[2], torch.float32, device, "channels_last", act, bias=bias, residual=residual)
+
+
+def test_float64(backend_device):
+    backend, device = backend_device
+    if device == "cuda" and backend != "triton":
+        pytest.skip("float64 runs on cpu, torch and triton")
+    for conv in (ODD[1], ODD[7]):
+        check_forward_and_grads(conv, torch.float64, device, "nchw", "tanh")
+
+
+def test_channels_last_weight(backend_device):
+    """model.to(memory_format=torch.channels_last) makes the weights channels_last too."""
+    _, device = backend_device
+    check_forward_and_grads(ODD[1], torch.float32, device, "channels_last", "relu", weight_layout="channels_last")
+
+
+def _layer_geometries():
+    """Every distinct convolution of the classic networks (batch 1, spatial size cut
+    down to what the kernel and stride need: the channels, kernel, stride and padding
+    are the layer's own)."""
+    out, seen = [], set()
+    for layer in conv_layers():
+        need = layer.kernel + 2 * layer.stride
+        size = min(layer.size[0], max(need, 9))
+        conv = Conv(f"{layer.net} {layer.name}", 1, layer.in_channels, size, size, layer.out_channels,
+                    (layer.kernel, layer.kernel), layer.stride, layer.padding, 1, layer.groups)
+        key = (conv.c, conv.h, conv.k, conv.kernel, conv.stride, conv.padding)
+        if key not in seen:
+            seen.add(key)
+            out.append(conv)
+    return out
+
+
+LAYERS = _layer_geometries()
+
+
+@pytest.mark.parametrize("conv", LAYERS, ids=str)
+def test_network_layers(backend_device, conv):
+    backend, device = backend_device
+    if backend == "triton" and device == "cpu":
+        # The interpreter runs the same geometry with the channels cut down (see test below).
+        pytest.skip("too large for the Triton interpreter")
+    check_forward_and_grads(conv, torch.float32, device, "channels_last", "relu", residual=conv.kernel == (1, 1))
+
+
+@pytest.mark.parametrize("conv", sorted({replace(c, name=f"{c.kernel[0]}x{c.kernel[1]}/{c.stride} pad {c.padding}",
+                                                 c=min(c.c, 5), k=min(c.k, 6), h=min(c.h, 12), w=min(c.w, 12))
+                                         for c in LAYERS}, key=str), ids=str)
+def test_network_layer_geometries_small(backend_device, conv):
+    """Each kernel/stride/padding of the network layers with few channels: cheap enough
+    for every backend, the Triton interpreter included."""
+    _, device = backend_device
+    check_forward_and_grads(conv, torch.float32, device, "channels_last", "relu")
+
+
+def test_channel_slice_output(backend_device):
+    """Two branches fill one pre-allocated output; the channels around them stay untouched."""
+    _, device = backend_device
+    a, b = ODD[12], replace(ODD[12], k=5, kernel=(3, 3), padding=1)
+    x = make_input((a.n, a.c, a.h, a.w), torch.float32, device, "channels_last")
+    wa, wb = make_weight(a, torch.float32, device), make_weight(b, torch.float32, device)
+    bias = torch.randn(a.k, device=device)
+    out = torch.full((a.n, 20, a.h, a.w), 7.0, device=device).contiguous(memory_format=torch.channels_last)
+    ya = F.conv2d_relu(x, wa, bias, out=out, channel_offset=2)
+    yb = F.conv2d(x, wb, None, 1, 1, out=out, channel_offset=2 + a.k, act="tanh")
+    assert ya.data_ptr() == out[:, 2:].data_ptr() and yb.shape == (a.n, 5, a.h, a.w)
+    assert_close(out[:, 2:2 + a.k], reference(a, x, wa, bias, None, "relu").float())
+    assert_close(out[:, 2 + a.k:2 + a.k + 5], reference(b, x, wb, None, None, "tanh").float())
+    assert torch.equal(out[:, :2], torch.full_like(out[:, :2], 7.0))
+    assert torch.equal(out[:, 2 + a.k + 5:], torch.full_like(out[:, 2 + a.k + 5:], 7.0))
+
+
+def test_channel_slice_output_with_grad(backend_device):
+    """With a gradient to compute, the result is computed and copied into the slice,
+    and the gradient flows back through it."""
+    _, device = backend_device
+    conv = ODD[12]
+    x, w, b, _ = inputs(conv, torch.float32, device, requires_grad=True, residual=False)
+    out = torch.zeros(conv.n, conv.k + 3, conv.h, conv.w, device=device)
+    y = F.conv2d_relu(x, w, b, out=out, channel_offset=3)
+    assert y.data_ptr() == out[:, 3:].data_ptr()
+    scale = torch.randn(out.shape, device=device)
+    (out * scale).sum().backward()
+    xr, wr, br = (t.detach().double().requires_grad_() for t in (x, w, b))
+    expected = reference(conv, xr, wr, br, None, "relu")
+    (expected * scale[:, 3:].double()).sum().backward()
+    assert_close(y, expected.float())
+    assert_close(x.grad, xr.grad.float())
+    assert_close(w.grad, wr.grad.float(), scale=4)
+    assert_close(b.grad, br.grad.float(), scale=4)
+
+
+def test_into_op_checks_the_slice():
+    x = torch.randn(1, 4, 5, 5)
+    w = torch.randn(6, 4, 3, 3)
+    out = torch.empty(1, 8, 5, 5)
+    with pytest.raises(ValueError, match="channel_offset 3 \\+ 6 output channels does not fit"):
+        F.conv2d(x, w, padding=1, out=out, channel_offset=3)
+    with pytest.raises(ValueError, match="out must have batch and spatial size"):
+        F.conv2d(x, w, padding=0, out=out)
+    with pytest.raises(TypeError, match="channel_offset must be an int"):
+        F.conv2d(x, w, padding=1, out=out, channel_offset=1.0)
+
+
+def test_unbatched(backend_device):
+    _, device = backend_device
+    x = torch.randn(3, 6, 5, device=device)
+    w = torch.randn(4, 3, 3, 3, device=device)
+    got = F.conv2d(x, w, None, 1, 1, act="sigmoid")
+    assert_close(got, torch.sigmoid(torch.nn.functional.conv2d(x, w, None, 1, 1)))
+
+
+def test_nan_propagates(backend_device):
+    _, device = backend_device
+    x = torch.randn(1, 2, 6, 6, device=device)
+    x[0, 1, 0, 0] = float("nan")
+    w = torch.randn(3, 2, 3, 3, device=device)
+    got = F.conv2d(x, w, None, 1, 1, act="relu")
+    expected = torch.relu(torch.nn.functional.conv2d(x, w, None, 1, 1))
+    assert torch.equal(got.isnan(), expected.isnan()) and got.isnan().any()
+    assert_close(got, expected, equal_nan=True)
+
+
+def test_empty_batch(backend_device):
+    _, device = backend_device
+    conv = replace(ODD[2], n=0)
+    x, w, b, r = inputs(conv, torch.float32, device, requires_grad=True)
+    out = run_fastcnn(conv, x, w, b, r, "relu")
+    assert out.shape == (0, conv.k, conv.h, conv.w)
+    out.sum().backward()
+    assert x.grad.shape == x.shape and r.grad.shape == r.shape
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+def test_expanded_gradient(backend_device):
+    """`.sum().backward()` sends a gradient with zero strides; without bias or act it reaches the kernels as is."""
+    _, device = backend_device
+    conv = ODD[1]
+    x, w, _, _ = inputs(conv, torch.float32, device, requires_grad=True, bias=False, residual=False)
+    run_fastcnn(conv, x, w, None, None, None).sum().backward()
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    reference(conv, xr, wr, None, None, None).sum().backward()
+    assert_close(x.grad, xr.grad.float())
+    assert_close(w.grad, wr.grad.float(), scale=4)
+
+
+def test_weight_grad_is_deterministic(backend_device):
+    _, device = backend_device
+    conv = replace(ODD[2], n=4, h=17, w=19)
+    grad = torch.randn(out_shape(conv), device=device).contiguous(memory_format=torch.channels_last)
+    x = make_input((conv.n, conv.c, conv.h, conv.w), torch.float32, device, "channels_last")
+    args = ([conv.k, conv.c, *conv.kernel], [1, 1], [1, 1, 1, 1], [1, 1], 1)
+    first = torch.ops.fastcnn.conv2d_weight_grad(grad, x, *args)
+    for _ in range(3):
+        assert torch.equal(torch.ops.fastcnn.conv2d_weight_grad(grad, x, *args), first)
+
+
+WEIGHT_GRAD_SCRIPT = """
+import torch, fastcnn
+torch.manual_seed(0)
+x = torch.randn(8, 16, 23, 29).contiguous(memory_format=torch.channels_last)
+grad = torch.randn(8, 24, 23, 29).contiguous(memory_format=torch.channels_last)
+with fastcnn.use_backend("cpu"):
+    gw = torch.ops.fastcnn.conv2d_weight_grad(grad, x, [24, 16, 3, 3], [1, 1], [1, 1, 1, 1], [1, 1], 1)
+    lw = torch.ops.fastcnn.linear(grad.flatten(1).t(), x.flatten(1).t()[:, :64], None, None)
+print(gw.double().sum().item().hex(), gw.view(torch.int32).sum().item(), lw.view(torch.int32).sum().item())
+"""
+
+
+def test_cpu_reductions_independent_of_threads():
+    """Weight gradients (and long linear reductions) come out bit-identical on 1 and 2 OpenMP threads."""
+    if "cpu" not in fastcnn.available_backends("cpu"):
+        pytest.skip("fastcnn._cpu is not built")
+    results = []
+    for threads in ("1", "2"):
+        env = dict(os.environ, OMP_NUM_THREADS=threads)
+        run = subprocess.run([sys.executable, "-c", WEIGHT_GRAD_SCRIPT], env=env, capture_output=True, text=True,
+                             check=True)
+        results.append(run.stdout)
+    assert results[0] == results[1] and results[0]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_gradcheck(backend):
+    if backend not in fastcnn.available_backends("cpu"):
+        pytest.skip(f"{backend} is not available")
+    with fastcnn.use_backend(backend):
+        for conv, act in ((ODD[1], "tanh"), (ODD[6], "sigmoid"), (ODD[11], None)):
+            x, w, b, r = inputs(conv, torch.float64, "cpu", "channels_last", requires_grad=True)
+            assert torch.autograd.gradcheck(lambda *a: run_fastcnn(conv, *a, act), (x, w, b, r))
+
+
+def test_opcheck():
+    conv = ODD[6]
+    x, w, b, r = inputs(conv, torch.float32, "cpu", requires_grad=True)
+    lists = ([1, 1], [1, 1, 1, 1], [1, 1], 2)
+    torch.library.opcheck(torch.ops.fastcnn.conv2d, (x, w, b, r, *lists, "relu"))
+    torch.library.opcheck(torch.ops.fastcnn.conv2d, (x.detach().contiguous(), w, None, None, *lists, None))
+    grad = torch.randn(out_shape(conv)).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.fastcnn.conv2d_input_grad, (grad, w.detach(), list(x.shape), *lists))
+    torch.library.opcheck(torch.ops.fastcnn.conv2d_weight_grad, (grad, x.detach(), list(w.shape), *lists))
+    out = torch.empty(conv.n, conv.k + 2, conv.h, conv.w)
+    torch.library.opcheck(torch.ops.fastcnn.conv2d_into, (out, 1, x.detach(), w.detach(), None, None, *lists,
+                                                          "tanh"))
+
+
+def test_compile_fullgraph():
+    """A small residual stack compiled whole, forward and backward."""
+    conv_a = Conv("a", 2, 4, 8, 8, 6, (3, 3), padding=1)
+    conv_b = Conv("b", 2, 6, 8, 8, 6, (1, 1))
+
+    def block(x, wa, ba, wb, fc):
+        y = F.conv2d_relu(x, wa, ba, padding=1)
+        y = F.conv2d(y, wb, residual=y, act="relu")
+        return F.linear(y.mean((2, 3)), fc, act="tanh")
+
+    x = make_input((2, 4, 8, 8), torch.float32, "cpu", "channels_last", requires_grad=True)
+    wa = make_weight(conv_a, torch.float32, "cpu", requires_grad=True)
+    wb = make_weight(conv_b, torch.float32, "cpu", requires_grad=True)
+    ba = torch.randn(6, requires_grad=True)
+    fc = torch.randn(3, 6, requires_grad=True)
+    compiled = torch.compile(block, fullgraph=True)
+    got = compiled(x, wa, ba, wb, fc)
+    got.sum().backward()
+    grads = [t.grad.clone() for t in (x, wa, ba, wb, fc)]
+    for t in (x, wa, ba, wb, fc):
+        t.grad = None
+    expected = block(x, wa, ba, wb, fc)
+    expected.sum().backward()
+    assert_close(got, expected)
+    for g, t in zip(grads, (x, wa, ba, wb, fc)):
+        assert_close(g, t.grad, scale=4)
+
+
+BAD = [
+    (lambda: (torch.randn(3, 5), torch.randn(4, 3, 3, 3)), {}, ValueError, "input must have 3 \\(C, H, W\\) or 4"),
+    (lambda: (torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3)), {}, ValueError, "weight must have 4 dimensions"),
+    (lambda: (torch.randn(1, 3, 5, 5), torch.randn(4, 2, 3, 3)), {}, ValueError, "input has 3 channels"),
+    (lambda: (torch.randn(1, 4, 5, 5), torch.randn(3, 2, 3, 3)), {"groups": 2}, ValueError,
+     "weight.shape\\[0\\] = 3 output channels must be divisible by groups"),
+    (lambda: (torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3, dtype=torch.float64)), {}, TypeError,
+     "weight has dtype"),
+    (lambda: (torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)), {"bias": torch.randn(5)}, ValueError,
+     "bias must have weight.shape"),
+    (lambda: (torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)), {"residual": torch.randn(1, 4, 5, 5)}, ValueError,
+     "residual must have the output's shape \\(1, 4, 3, 3\\)"),
+    (lambda: (torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)), {"act": "gelu"}, ValueError, "act must be"),
+    (lambda: (torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)), {"stride": 0}, ValueError, "stride must be positive"),
+    (lambda: (torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)), {"padding": -1}, ValueError,
+     "padding must be non-negative"),
+    (lambda: (torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)), {"padding": "full"}, ValueError,
+     "padding must be an int, a pair of ints, 'valid' or 'same'"),
+    (lambda: (torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)), {"padding": "same", "stride": 2}, ValueError,
+     "padding='same' needs stride 1"),
+    (lambda: (torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)), {"dilation": 0}, ValueError,
+     "dilation must be positive"),
+    (lambda: (torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)), {"groups": 0}, ValueError, "groups must be positive"),
+    (lambda: (torch.randn(1, 3, 2, 5), torch.randn(4, 3, 3, 3)), {}, ValueError,
+     "input of spatial size 2x5 is too small for a 3x3 kernel"),
+    (lambda: (torch.randn(1, 3, 5, 5, dtype=torch.float64).int(), torch.randn(4, 3, 3, 3)), {}, TypeError,
+     "input must be float32"),
+]
+
+
+@pytest.mark.parametrize("make, kwargs, error, match", BAD)
+def test_bad_input(make, kwargs, error, match):
+    x, w = make()
+    with pytest.raises(error, match=match):
+        F.conv2d(x, w, **kwargs)
+    if x.dim() == 4 and w.dim() == 4 and "padding" not in kwargs and "stride" not in kwargs and "dilation" not in kwargs:
+        op_args = (x, w, kwargs.get("bias"), kwargs.get("residual"), [1, 1], [0, 0, 0, 0], [1, 1],
+                   kwargs.get("groups", 1), kwargs.get("act"))
+        with pytest.raises(error, match=match):  # the op checks too, not only the functional
+            torch.ops.fastcnn.conv2d(*op_args)
+
+
+def test_bad_backward_op_input():
+    grad = torch.randn(1, 4, 3, 3)
+    w = torch.randn(4, 3, 3, 3)
+    with pytest.raises(ValueError, match="grad must have the output's shape \\(1, 4, 7, 7\\)"):
+        torch.ops.fastcnn.conv2d_input_grad(grad, w, [1, 3, 7, 7], [1, 1], [1, 1, 1, 1], [1, 1], 1)
+    with pytest.raises(ValueError, match="weight_size must have 4 entries"):
+        torch.ops.fastcnn.conv2d_weight_grad(grad, torch.randn(1, 3, 5, 5), [4, 3, 3], [1, 1], [0, 0, 0, 0], [1, 1],
+                                             1)

@@ -1,0 +1,169 @@
+"""fastcnn::linear against torch: act(input @ weight.T + bias) as one GEMM, forward and
+gradients (which are the same op on transposed views), every backend and dtype."""
+
+import pytest
+import torch
+
+import fastcnn
+from fastcnn import functional as F
+from fastcnn.bench.layers import linear_layers
+from conftest import DTYPES, assert_close
+
+ACTS = [None, "relu", "tanh", "sigmoid"]
+TORCH_ACTS = {None: lambda v: v, "relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
+# (input shape, out_features): odd sizes, 1 x 1, a 3-D and a 1-D input, K longer than any tile.
+SHAPES = [((5, 7), 3), ((1, 1), 1), ((8, 33), 17), ((2, 3, 9), 4), ((6,), 5), ((3, 300), 10)]
+
+
+@pytest.fixture(autouse=True)
+def exact_float32_reference():
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def make(shape, out_features, dtype, device, *, bias=True, requires_grad=True):
+    x = torch.randn(shape).to(device=device, dtype=dtype).requires_grad_(requires_grad)
+    w = (torch.randn(out_features, shape[-1]) / shape[-1] ** 0.5).to(device=device, dtype=dtype)
+    b = torch.randn(out_features).to(device=device, dtype=dtype) if bias else None
+    return x, w.requires_grad_(requires_grad), None if b is None else b.requires_grad_(requires_grad)
+
+
+def check(x, w, b, act):
+    out = F.linear(x, w, b, act=act)
+    leaves = [t for t in (x, w, b) if t is not None]
+    refs = [t.detach().double().requires_grad_() for t in leaves]
+    ref = TORCH_ACTS[act](torch.nn.functional.linear(refs[0], refs[1], refs[2] if b is not None else None))
+    assert out.shape == ref.shape and out.dtype == x.dtype
+    assert_close(out, ref.to(x.dtype))
+    grad = torch.randn(out.shape).to(device=out.device, dtype=out.dtype)
+    out.backward(grad)
+    ref.backward(grad.double())
+    batch = x.numel() // x.shape[-1]
+    for name, got, expected in zip("xwb", leaves, refs):
+        scale = max(1.0, batch ** 0.5 / 4) if name in "wb" else 1.0
+        assert_close(got.grad, expected.grad.to(x.dtype), scale=scale)
+
+
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("shape, out_features", SHAPES, ids=str)
+def test_forward_backward(backend_device, shape, out_features, act):
+    _, device = backend_device
+    check(*make(shape, out_features, torch.float32, device), act)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bias", [True, False])
+def test_dtypes(backend_device, dtype, bias):
+    _, device = backend_device
+    check(*make((9, 40), 24, dtype, device, bias=bias), "relu")
+
+
+def test_float64(backend_device):
+    backend, device = backend_device
+    if device == "cuda" and backend != "triton":
+        pytest.skip("float64 runs on cpu, torch and triton")
+    check(*make((4, 19), 6, torch.float64, device), "sigmoid")
+
+
+@pytest.mark.parametrize("layer", linear_layers(), ids=lambda l: l.label)
+def test_network_layers(backend_device, layer):
+    """Every distinct FC layer of the classic networks at its batch size, features capped at 1024."""
+    backend, device = backend_device
+    if backend == "triton" and device == "cpu":
+        pytest.skip("too large for the Triton interpreter (the shapes above cover its code paths)")
+    check(*make((layer.batch, min(layer.in_features, 1024)), min(layer.out_features, 1024), torch.float32, device),
+          "relu")
+
+
+def test_strided_operands(backend_device):
+    """A transposed weight and a non-contiguous input run without copies and match."""
+    _, device = backend_device
+    x = torch.randn(12, 20, device=device)[::2, ::2].requires_grad_()
+    w = torch.randn(10, 7, device=device).t().requires_grad_()  # (7, 10): a transposed view
+    b = torch.randn(7, device=device, requires_grad=True)
+    check(x, w, b, "tanh")
+
+
+def test_empty_batch(backend_device):
+    _, device = backend_device
+    x, w, b = make((0, 5), 3, torch.float32, device)
+    out = F.linear(x, w, b, act="relu")
+    assert out.shape == (0, 3)
+    out.sum().backward()
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+def test_no_input_features(backend_device):
+    _, device = backend_device
+    x, w, b = make((4, 0), 3, torch.float32, device)
+    assert_close(F.linear(x, w, b, act="sigmoid"), torch.sigmoid(b.detach()).expand(4, 3))
+
+
+def test_nan_propagates(backend_device):
+    _, device = backend_device
+    x = torch.randn(3, 8, device=device)
+    x[1, 2] = float("nan")
+    w = torch.randn(5, 8, device=device)
+    got = F.linear(x, w, act="relu")
+    expected = torch.relu(torch.nn.functional.linear(x, w))
+    assert torch.equal(got.isnan(), expected.isnan()) and got.isnan().any()
+    assert_close(got, expected, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_gradcheck(backend):
+    if backend not in fastcnn.available_backends("cpu"):
+        pytest.skip(f"{backend} is not available")
+    with fastcnn.use_backend(backend):
+        for act in ACTS:
+            x, w, b = make((3, 2, 7), 4, torch.float64, "cpu")
+            assert torch.autograd.gradcheck(lambda *a: F.linear(*a, act=act), (x, w, b))
+
+
+def test_opcheck():
+    x, w, b = make((5, 7), 3, torch.float32, "cpu")
+    torch.library.opcheck(torch.ops.fastcnn.linear, (x, w, b, "relu"))
+    torch.library.opcheck(torch.ops.fastcnn.linear, (x.detach().t().contiguous().t(), w, None, None))
+
+
+def test_compile_fullgraph():
+    def mlp(x, w1, b1, w2):
+        return F.linear(F.linear(x, w1, b1, act="relu"), w2, act="sigmoid")
+
+    x, w1, b1 = make((6, 10), 8, torch.float32, "cpu")
+    _, w2, _ = make((6, 8), 3, torch.float32, "cpu")
+    got = torch.compile(mlp, fullgraph=True)(x, w1, b1, w2)
+    got.sum().backward()
+    grads = [t.grad.clone() for t in (x, w1, b1, w2)]
+    for t in (x, w1, b1, w2):
+        t.grad = None
+    expected = mlp(x, w1, b1, w2)
+    expected.sum().backward()
+    assert_close(got, expected)
+    for g, t in zip(grads, (x, w1, b1, w2)):
+        assert_close(g, t.grad)
+
+
+@pytest.mark.parametrize(
+    "args, error, match",
+    [
+        (lambda: ([1.0], torch.randn(3, 1)), TypeError, "input must be a torch.Tensor"),
+        (lambda: (torch.randn(2, 4), torch.randn(3, 4, 1)), ValueError, "weight must have 2 dimensions"),
+        (lambda: (torch.randn(2, 4), torch.randn(3, 5)), ValueError, "input's last dimension 4 does not match"),
+        (lambda: (torch.randn(2, 4), torch.randn(3, 4, dtype=torch.float64)), TypeError, "weight has dtype"),
+        (lambda: (torch.randn(2, 4), torch.randn(3, 4), torch.randn(4)), ValueError, "bias must have weight.shape"),
+        (lambda: (torch.randn(2, 4), torch.randn(3, 4), None, "gelu"), ValueError, "act must be"),
+    ],
+)
+def test_bad_input(args, error, match):
+    values = args()
+    x, w = values[0], values[1]
+    b = values[2] if len(values) > 2 else None
+    act = values[3] if len(values) > 3 else None
+    with pytest.raises(error, match=match):
+        F.linear(x, w, b, act=act)
+    if isinstance(x, torch.Tensor):
+        with pytest.raises(error, match=match):
+            torch.ops.fastcnn.linear(x, w, b, act)
