@@ -21,8 +21,9 @@ fi
 "$PY" -c "import fastcnn, fastcnn._cuda as c; print('backends:', fastcnn.available_backends('cuda'), 'devices:', c.device_count())"
 
 echo "== GPU tests"
-# Only the tests that run on CUDA (the CPU ones ran in CI already).
-timeout 150 "$PY" -m pytest tests -q -x -k "cuda or compile" -p no:cacheprovider \
+# Only the tests that run on CUDA (the CPU ones ran in CI already). No run-time
+# tuning: it would compile every candidate config for every new shape.
+FASTCNN_TRITON_TUNE=0 timeout 150 "$PY" -m pytest tests -q -x -k "cuda or compile" -p no:cacheprovider \
   --junitxml="$OUT_DIR/tests.xml" >"$OUT_DIR/tests.log" 2>&1 || status=1
 tail -5 "$OUT_DIR/tests.log"
 

@@ -1,0 +1,96 @@
+"""Triton GEMM with a fused epilogue: out[m, n] = act(sum_k a[m, k] * b[n, k] + bias[n]),
+every operand through its own strides (the backward passes transposed views).
+
+When the output has few tiles and K is long (fully connected layers at batch 8, or
+a weight gradient summing over the batch) K is split: each split writes float32
+partial sums to a workspace, and a second kernel adds the splits in order, then
+the bias and activation. The split count depends on the shape alone, so the result
+has the same bits on every run."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from fastcnn.triton import tuning
+from fastcnn.triton.common import acc_dtype, act_code, apply_act
+from fastcnn.triton.conv2d import DOT_TF32, dot_mode, mma, needs_int64, reduce_splits, split_chunk, swizzled_tile
+
+
+@triton.jit
+def linear_kernel(a_ptr, b_ptr, bias_ptr, out_ptr, M, N, K, CHUNK,
+                  sam, sak, sbn, sbk, som, son,
+                  HAS_BIAS: tl.constexpr, ACT: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr,
+                  TO_WORKSPACE: tl.constexpr, IDX64: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    split = tl.program_id(2)
+    tile_m, tile_n = swizzled_tile(M, N, BLOCK_M, BLOCK_N, 8)
+    rm = tile_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if IDX64:
+        rm = rm.to(tl.int64)
+        rn = rn.to(tl.int64)
+    m_ok = rm < M
+    n_ok = rn < N
+    a_row = rm * sam
+    b_col = rn * sbn
+    k_lo = split * CHUNK
+    k_hi = tl.minimum(k_lo + CHUNK, K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        if IDX64:
+            rk = rk.to(tl.int64)
+        k_ok = rk < k_hi
+        a = tl.load(a_ptr + a_row[:, None] + rk[None, :] * sak, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptr + b_col[None, :] + rk[:, None] * sbk, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = mma(acc, a, b, DOT)
+    mask = m_ok[:, None] & n_ok[None, :]
+    if TO_WORKSPACE:
+        # ws[split, m, n], contiguous; the epilogue runs after the ordered sum.
+        tl.store(out_ptr + (split.to(tl.int64) * M + rm)[:, None] * N + rn[None, :], acc, mask=mask)
+    else:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(ACC)[None, :]
+        acc = apply_act(acc, ACT)
+        tl.store(out_ptr + (rm * som)[:, None] + (rn * son)[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def linear_splits(m: int, n: int, k: int) -> tuple[int, int]:
+    """(splits, chunk) of the K reduction: from the shape alone."""
+    return split_chunk(k, triton.cdiv(m, 64) * triton.cdiv(n, 64), 512)
+
+
+def linear(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, act: str | None,
+           allow_tf32: bool, config: tuning.Config | None = None) -> None:
+    m, k = a.shape
+    n = b.shape[0]
+    splits, chunk = linear_splits(m, n, k)
+    acc = acc_dtype(out.dtype)
+    ws = None
+    if splits > 1:
+        ws = torch.empty((splits, m, n), dtype=torch.float64 if out.dtype == torch.float64 else torch.float32,
+                         device=out.device)
+    idx64 = needs_int64(a, b, out, ws, extra=max(m, n, k) + 256)
+    dot = dot_mode(a.dtype, allow_tf32, a.device)
+    target = ws if ws is not None else out
+
+    def launch(cfg: tuning.Config) -> None:
+        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), 1, splits)
+        wrap_triton(linear_kernel)[grid](
+            a, b, bias if bias is not None else out, target, m, n, k, chunk,
+            *a.stride(), *b.stride(), *out.stride(),
+            HAS_BIAS=bias is not None, ACT=act_code(act), ACC=acc, DOT=dot, TO_WORKSPACE=ws is not None,
+            IDX64=idx64, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        if ws is not None:
+            reduce_splits(ws, bias, out, n, 1, (out.stride(0), out.stride(1), 0, 0), act_code(act), acc)
+
+    if config is None:
+        layout = ("k" if a.stride(1) == 1 else "m") + ("k" if b.stride(1) == 1 else "n")
+        layout += "-tf32" if dot == DOT_TF32 else ""
+        config = tuning.choose("linear", f"{m}x{n}x{k}-{layout}", a.dtype, a.device, launch, (a, b, out),
+                               m=m, n=n, k=min(k, chunk), small_m=m <= 16)
+    launch(config)
