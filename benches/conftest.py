@@ -4,8 +4,6 @@ Each suite puts eager PyTorch, torch.compile of the same eager code, and every
 fastcnn backend that can be timed here in one group, so pytest-benchmark shows
 them side by side. GPU calls are synchronised inside the timed function."""
 
-from dataclasses import replace
-
 import pytest
 import torch
 
@@ -63,10 +61,9 @@ def no_grad():
 
 
 def on_device(layer):
-    """The GPU runs the ImageNet networks at batch 32 (LeNet-5 stays at 256)."""
-    if DEVICE.type == "cuda" and layer.batch < 32:
-        return replace(layer, batch=32)
-    return layer
+    """The layer at the batch it is benchmarked with here (batch 32 on a GPU)."""
+    from fastcnn.bench.layers import on_device as at_batch_for
+    return at_batch_for(layer, DEVICE)
 
 
 def run_layer_case(benchmark, implementation, case):
@@ -77,6 +74,7 @@ def run_layer_case(benchmark, implementation, case):
         fn = pick(implementation, case.eager, case.fastcnn)
         rounds = 3 if case.flops > 2e10 else 10
         got = benchmark.pedantic(fn, args=inputs, rounds=rounds, warmup_rounds=1).detach().clone()
+        benchmark.extra_info["gflop"] = case.flops / 1e9
         expected = case.eager(*inputs).detach()
     scale = max(1.0, float(expected.float().abs().max()))
     tol = 1e-4 if DTYPE == torch.float32 else 2e-2

@@ -43,8 +43,8 @@ from fastcnn.triton import tuning  # noqa: E402
 
 def conv_layer_tuples(nets) -> list[tuple]:
     """(C, H, W, K, kernel, stride, padding, groups) of every distinct conv of the nets."""
-    return [(l.in_channels, *l.size, l.out_channels, l.kernel, l.stride, l.padding, l.groups)
-            for l in conv_layers(nets)]
+    return list(dict.fromkeys((l.in_channels, *l.size, l.out_channels, l.kernel, l.stride, l.padding, l.groups)
+                              for l in conv_layers(nets)))
 
 
 def fc_layer_tuples(nets) -> list[tuple[int, int]]:

@@ -79,26 +79,38 @@ def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, 
     a gradient is needed the result is computed first and then copied there."""
     from fastcnn.ops.conv2d import check_conv2d, check_conv2d_into
     x, unbatched = _batched(input)
-    if residual is not None and unbatched:
-        check_tensor("residual", residual)
-        residual = residual.unsqueeze(0)
-    if out is not None and unbatched:
-        check_tensor("out", out)
-        out = out.unsqueeze(0)
+    if isinstance(padding, (tuple, list)) and len(padding) not in (1, 2):
+        raise TypeError(f"padding must be an int, a pair of ints, 'valid' or 'same', got {padding!r}")
+    if out is None and channel_offset != 0:
+        raise ValueError("channel_offset needs out: it says where in out the result goes")
+    if unbatched:
+        residual, out = (_unsqueezed(name, t) for name, t in (("residual", residual), ("out", out)))
     params = check_conv2d(x, weight, bias, residual, stride, padding, dilation, groups, act)
     args = (x, weight, bias, residual, *params.as_lists(), act)
     if out is None:
         y = torch.ops.fastcnn.conv2d(*args)
     else:
         target = check_conv2d_into(out, channel_offset, x, weight, params)
+        # conv2d_into has no autograd: it may only run when no gradient passes through.
         grad_needed = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (x, weight, bias, residual))
+            t is not None and t.requires_grad for t in (x, weight, bias, residual, out))
         if grad_needed:
             target.copy_(torch.ops.fastcnn.conv2d(*args))
         else:
             torch.ops.fastcnn.conv2d_into(out, channel_offset, *args)
         y = target
     return y.squeeze(0) if unbatched else y
+
+
+def _unsqueezed(name: str, t: Tensor | None) -> Tensor | None:
+    """An unbatched (C, H, W) companion tensor with its batch dim added."""
+    if t is None:
+        return None
+    check_tensor(name, t)
+    if t.dim() != 3:
+        raise ValueError(f"{name} must have 3 dimensions (C, H, W) like the unbatched input, got shape "
+                         f"{tuple(t.shape)}")
+    return t.unsqueeze(0)
 
 
 def conv2d_relu(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,

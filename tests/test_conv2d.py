@@ -55,6 +55,7 @@ ODD = [
     Conv("h_ne_w_rect_kernel", 2, 4, 6, 9, 3, (2, 3), stride=(2, 1), padding=(1, 0)),
     Conv("stride3", 2, 4, 10, 11, 6, (3, 3), stride=3, padding=1),
     Conv("dilation2", 2, 4, 9, 9, 5, (3, 3), padding=2, dilation=2),
+    Conv("dilation_per_dim", 1, 3, 8, 10, 4, (3, 2), padding=(2, 1), dilation=(2, 3)),
     Conv("groups2", 2, 6, 8, 7, 4, (3, 3), padding=1, groups=2),
     Conv("depthwise", 2, 6, 7, 8, 6, (3, 3), padding=1, groups=6),
     Conv("image_1x1", 3, 8, 1, 1, 5, (1, 1)),
@@ -65,6 +66,7 @@ ODD = [
     Conv("pointwise_stride2", 2, 8, 7, 7, 9, (1, 1), stride=2),
     Conv("k1", 2, 5, 6, 6, 1, (3, 3), padding=1),
 ]
+CASES = {conv.name: conv for conv in ODD}
 
 
 def make_weight(conv: Conv, dtype, device, layout="nchw", requires_grad=False):
@@ -110,6 +112,7 @@ def check_forward_and_grads(conv: Conv, dtype, device, layout, act, *, bias=True
     x, w, b, r = inputs(conv, dtype, device, layout, bias=bias, residual=residual, requires_grad=grads,
                         weight_layout=weight_layout)
     out = run_fastcnn(conv, x, w, b, r, act)
+    names = [n for n, t in zip("xwbr", (x, w, b, r)) if t is not None]
     leaves = [t for t in (x, w, b, r) if t is not None]
     ref_leaves = [t.detach().double().requires_grad_(grads) for t in leaves]
     ref_args = iter(ref_leaves)
@@ -124,7 +127,7 @@ def check_forward_and_grads(conv: Conv, dtype, device, layout, act, *, bias=True
     out.backward(grad)
     # torch's backward sees the rounded output, as fastcnn's does.
     ref.backward(grad.double())
-    for name, got, expected in zip("xwbr", leaves, ref_leaves):
+    for name, got, expected in zip(names, leaves, ref_leaves):
         assert got.grad is not None, name
         assert got.grad.shape == got.shape, name
         # A weight or bias gradient sums over the batch and every output pixel.
@@ -140,7 +143,7 @@ def test_odd_geometries(backend_device, conv, layout):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("conv", [ODD[1], ODD[6], ODD[12]], ids=str)
+@pytest.mark.parametrize("conv", [CASES["c3_5x5_s2"], CASES["groups2"], CASES["pointwise"]], ids=str)
 def test_dtypes(backend_device, conv, dtype):
     _, device = backend_device
     check_forward_and_grads(conv, dtype, device, "channels_last", "relu")
@@ -150,21 +153,21 @@ def test_dtypes(backend_device, conv, dtype):
 @pytest.mark.parametrize("bias, residual", [(False, False), (True, False), (False, True), (True, True)])
 def test_epilogues(backend_device, act, bias, residual):
     _, device = backend_device
-    check_forward_and_grads(ODD[2], torch.float32, device, "channels_last", act, bias=bias, residual=residual)
+    check_forward_and_grads(CASES["prime"], torch.float32, device, "channels_last", act, bias=bias, residual=residual)
 
 
 def test_float64(backend_device):
     backend, device = backend_device
     if device == "cuda" and backend != "triton":
         pytest.skip("float64 runs on cpu, torch and triton")
-    for conv in (ODD[1], ODD[7]):
+    for conv in (CASES["c3_5x5_s2"], CASES["depthwise"]):
         check_forward_and_grads(conv, torch.float64, device, "nchw", "tanh")
 
 
 def test_channels_last_weight(backend_device):
     """model.to(memory_format=torch.channels_last) makes the weights channels_last too."""
     _, device = backend_device
-    check_forward_and_grads(ODD[1], torch.float32, device, "channels_last", "relu", weight_layout="channels_last")
+    check_forward_and_grads(CASES["c3_5x5_s2"], torch.float32, device, "channels_last", "relu", weight_layout="channels_last")
 
 
 def _layer_geometries():
@@ -209,7 +212,7 @@ def test_network_layer_geometries_small(backend_device, conv):
 def test_channel_slice_output(backend_device):
     """Two branches fill one pre-allocated output; the channels around them stay untouched."""
     _, device = backend_device
-    a, b = ODD[12], replace(ODD[12], k=5, kernel=(3, 3), padding=1)
+    a, b = CASES["pointwise"], replace(CASES["pointwise"], k=5, kernel=(3, 3), padding=1)
     x = make_input((a.n, a.c, a.h, a.w), torch.float32, device, "channels_last")
     wa, wb = make_weight(a, torch.float32, device), make_weight(b, torch.float32, device)
     bias = torch.randn(a.k, device=device)
@@ -227,7 +230,7 @@ def test_channel_slice_output_with_grad(backend_device):
     """With a gradient to compute, the result is computed and copied into the slice,
     and the gradient flows back through it."""
     _, device = backend_device
-    conv = ODD[12]
+    conv = CASES["pointwise"]
     x, w, b, _ = inputs(conv, torch.float32, device, requires_grad=True, residual=False)
     out = torch.zeros(conv.n, conv.k + 3, conv.h, conv.w, device=device)
     y = F.conv2d_relu(x, w, b, out=out, channel_offset=3)
@@ -276,7 +279,7 @@ def test_nan_propagates(backend_device):
 
 def test_empty_batch(backend_device):
     _, device = backend_device
-    conv = replace(ODD[2], n=0)
+    conv = replace(CASES["prime"], n=0)
     x, w, b, r = inputs(conv, torch.float32, device, requires_grad=True)
     out = run_fastcnn(conv, x, w, b, r, "relu")
     assert out.shape == (0, conv.k, conv.h, conv.w)
@@ -288,7 +291,7 @@ def test_empty_batch(backend_device):
 def test_expanded_gradient(backend_device):
     """`.sum().backward()` sends a gradient with zero strides; without bias or act it reaches the kernels as is."""
     _, device = backend_device
-    conv = ODD[1]
+    conv = CASES["c3_5x5_s2"]
     x, w, _, _ = inputs(conv, torch.float32, device, requires_grad=True, bias=False, residual=False)
     run_fastcnn(conv, x, w, None, None, None).sum().backward()
     xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
@@ -299,7 +302,7 @@ def test_expanded_gradient(backend_device):
 
 def test_weight_grad_is_deterministic(backend_device):
     _, device = backend_device
-    conv = replace(ODD[2], n=4, h=17, w=19)
+    conv = replace(CASES["prime"], n=4, h=17, w=19)
     grad = torch.randn(out_shape(conv), device=device).contiguous(memory_format=torch.channels_last)
     x = make_input((conv.n, conv.c, conv.h, conv.w), torch.float32, device, "channels_last")
     args = ([conv.k, conv.c, *conv.kernel], [1, 1], [1, 1, 1, 1], [1, 1], 1)
@@ -315,8 +318,10 @@ x = torch.randn(8, 16, 23, 29).contiguous(memory_format=torch.channels_last)
 grad = torch.randn(8, 24, 23, 29).contiguous(memory_format=torch.channels_last)
 with fastcnn.use_backend("cpu"):
     gw = torch.ops.fastcnn.conv2d_weight_grad(grad, x, [24, 16, 3, 3], [1, 1], [1, 1, 1, 1], [1, 1], 1)
-    lw = torch.ops.fastcnn.linear(grad.flatten(1).t(), x.flatten(1).t()[:, :64], None, None)
-print(gw.double().sum().item().hex(), gw.view(torch.int32).sum().item(), lw.view(torch.int32).sum().item())
+    # A linear weight gradient: a reduction over all 5336 pixels.
+    g2, x2 = grad.permute(0, 2, 3, 1).reshape(-1, 24), x.permute(0, 2, 3, 1).reshape(-1, 16)
+    lw = torch.ops.fastcnn.linear(g2.t(), x2.t(), None, None)
+print(hash(gw.numpy().tobytes()), hash(lw.numpy().tobytes()))
 """
 
 
@@ -338,13 +343,13 @@ def test_gradcheck(backend):
     if backend not in fastcnn.available_backends("cpu"):
         pytest.skip(f"{backend} is not available")
     with fastcnn.use_backend(backend):
-        for conv, act in ((ODD[1], "tanh"), (ODD[6], "sigmoid"), (ODD[11], None)):
+        for conv, act in ((CASES["c3_5x5_s2"], "tanh"), (CASES["groups2"], "sigmoid"), (CASES["same_even_kernel"], None)):
             x, w, b, r = inputs(conv, torch.float64, "cpu", "channels_last", requires_grad=True)
             assert torch.autograd.gradcheck(lambda *a: run_fastcnn(conv, *a, act), (x, w, b, r))
 
 
 def test_opcheck():
-    conv = ODD[6]
+    conv = CASES["groups2"]
     x, w, b, r = inputs(conv, torch.float32, "cpu", requires_grad=True)
     lists = ([1, 1], [1, 1, 1, 1], [1, 1], 2)
     torch.library.opcheck(torch.ops.fastcnn.conv2d, (x, w, b, r, *lists, "relu"))
@@ -386,6 +391,24 @@ def test_compile_fullgraph():
 
 
 BAD = [
+    (lambda: (torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3, device="meta")), {}, ValueError,
+     "weight is on meta but input is on cpu"),
+    (lambda: (torch.randn(1, 3, 5, 5), [[1.0]]), {}, TypeError, "weight must be a torch.Tensor"),
+    (lambda: (torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)), {"bias": torch.randn(4, dtype=torch.float64)},
+     TypeError, "bias has dtype"),
+    (lambda: (torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)), {"bias": torch.randn(1, 4)}, ValueError,
+     "bias must have 1 dimensions"),
+    (lambda: (torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)), {"bias": 1.0}, TypeError,
+     "bias must be a torch.Tensor"),
+    (lambda: (torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)), {"residual": torch.randn(1, 4, 3, 3, device="meta")},
+     ValueError, "residual is on meta but input is on cpu"),
+    (lambda: (torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)), {"stride": 1.5}, TypeError,
+     "stride must be an int or a pair of ints"),
+    (lambda: (torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)), {"groups": 1.0}, TypeError, "groups must be an int"),
+    (lambda: (torch.randn(1, 0, 5, 5), torch.randn(4, 0, 3, 3)), {}, ValueError,
+     "input must have at least one channel"),
+    (lambda: (torch.randn(1, 3, 0, 5), torch.randn(4, 3, 1, 1)), {"padding": 1}, ValueError,
+     "input must have a non-empty image"),
     (lambda: (torch.randn(3, 5), torch.randn(4, 3, 3, 3)), {}, ValueError, "input must have 3 \\(C, H, W\\) or 4"),
     (lambda: (torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3)), {}, ValueError, "weight must have 4 dimensions"),
     (lambda: (torch.randn(1, 3, 5, 5), torch.randn(4, 2, 3, 3)), {}, ValueError, "input has 3 channels"),
@@ -420,11 +443,52 @@ def test_bad_input(make, kwargs, error, match):
     x, w = make()
     with pytest.raises(error, match=match):
         F.conv2d(x, w, **kwargs)
-    if x.dim() == 4 and w.dim() == 4 and "padding" not in kwargs and "stride" not in kwargs and "dilation" not in kwargs:
+    schema_ok = (isinstance(w, torch.Tensor) and isinstance(kwargs.get("groups", 1), int)
+                 and all(isinstance(kwargs.get(k), (torch.Tensor, type(None))) for k in ("bias", "residual"))
+                 and not {"padding", "stride", "dilation"} & kwargs.keys())
+    if schema_ok and x.dim() == 4 and w.dim() == 4:
         op_args = (x, w, kwargs.get("bias"), kwargs.get("residual"), [1, 1], [0, 0, 0, 0], [1, 1],
                    kwargs.get("groups", 1), kwargs.get("act"))
         with pytest.raises(error, match=match):  # the op checks too, not only the functional
             torch.ops.fastcnn.conv2d(*op_args)
+
+
+def test_functional_argument_rules():
+    x, w = torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3)
+    with pytest.raises(TypeError, match="padding must be an int, a pair of ints"):
+        F.conv2d(x, w, padding=(1, 1, 1, 1))  # four ints are the op schema's form, not PyTorch's
+    with pytest.raises(ValueError, match="channel_offset needs out"):
+        F.conv2d(x, w, channel_offset=2)
+    with pytest.raises(ValueError, match="residual must have 3 dimensions \\(C, H, W\\) like the unbatched input"):
+        F.conv2d(x[0], w, residual=torch.randn(1, 4, 3, 3))
+    with pytest.raises(ValueError, match="out must not have overlapping elements"):
+        F.conv2d(x, w, out=torch.zeros(1, 1, 3, 3).expand(1, 4, 3, 3))
+
+
+def test_out_needing_grad_is_not_overwritten_in_place(backend_device):
+    """An `out` that is part of the autograd graph gets the copy path, so the
+    gradient of what was overwritten is zero, as in PyTorch."""
+    _, device = backend_device
+    base = torch.zeros(1, 6, 5, 5, device=device, requires_grad=True)
+    out = base * 1
+    x, w = torch.randn(1, 3, 5, 5, device=device), torch.randn(4, 3, 3, 3, device=device)
+    F.conv2d(x, w, padding=1, out=out, channel_offset=1)
+    out.sum().backward()
+    assert torch.equal(base.grad[:, 1:5], torch.zeros_like(base.grad[:, 1:5]))
+    assert torch.equal(base.grad[:, 0], torch.ones_like(base.grad[:, 0]))
+
+
+def test_unbatched_gradients(backend_device):
+    _, device = backend_device
+    conv = replace(CASES["c3_5x5_s2"], n=1)
+    x, w, b, r = inputs(conv, torch.float32, device, "nchw", requires_grad=True)
+    x1, r1 = x.detach()[0].requires_grad_(), r.detach()[0].requires_grad_()
+    out = F.conv2d(x1, w, b, conv.stride, conv.padding, residual=r1, act="tanh")
+    assert out.shape == out_shape(conv)[1:]
+    out.sum().backward()
+    run_fastcnn(conv, x, w, b, r, "tanh").sum().backward()
+    assert_close(x1.grad, x.grad[0])
+    assert_close(r1.grad, r.grad[0])
 
 
 def test_bad_backward_op_input():
@@ -432,6 +496,8 @@ def test_bad_backward_op_input():
     w = torch.randn(4, 3, 3, 3)
     with pytest.raises(ValueError, match="grad must have the output's shape \\(1, 4, 7, 7\\)"):
         torch.ops.fastcnn.conv2d_input_grad(grad, w, [1, 3, 7, 7], [1, 1], [1, 1, 1, 1], [1, 1], 1)
-    with pytest.raises(ValueError, match="weight_size must have 4 entries"):
+    with pytest.raises(ValueError, match="input_size must be 4 non-negative sizes"):
+        torch.ops.fastcnn.conv2d_input_grad(grad, w, [1, 3, -5, 5], [1, 1], [1, 1, 1, 1], [1, 1], 1)
+    with pytest.raises(ValueError, match="weight_size must be 4 non-negative sizes"):
         torch.ops.fastcnn.conv2d_weight_grad(grad, torch.randn(1, 3, 5, 5), [4, 3, 3], [1, 1], [0, 0, 0, 0], [1, 1],
                                              1)

@@ -86,6 +86,15 @@ def test_strided_operands(backend_device):
     check(x, w, b, "tanh")
 
 
+def test_expanded_gradient(backend_device):
+    """`.sum().backward()` with no bias or act hands the zero-stride gradient to both GEMMs as is."""
+    _, device = backend_device
+    x, w, _ = make((2, 3, 9), 4, torch.float32, device, bias=False)
+    F.linear(x, w).sum().backward()
+    assert_close(x.grad, w.detach().sum(0).expand(2, 3, 9))
+    assert_close(w.grad, x.detach().reshape(-1, 9).sum(0).expand(4, 9))
+
+
 def test_empty_batch(backend_device):
     _, device = backend_device
     x, w, b = make((0, 5), 3, torch.float32, device)
@@ -155,6 +164,10 @@ def test_compile_fullgraph():
         (lambda: (torch.randn(2, 4), torch.randn(3, 4, dtype=torch.float64)), TypeError, "weight has dtype"),
         (lambda: (torch.randn(2, 4), torch.randn(3, 4), torch.randn(4)), ValueError, "bias must have weight.shape"),
         (lambda: (torch.randn(2, 4), torch.randn(3, 4), None, "gelu"), ValueError, "act must be"),
+        (lambda: (torch.randn(2, 4), torch.randn(3, 4, device="meta")), ValueError, "weight is on meta but input"),
+        (lambda: (torch.randn(2, 4), torch.randn(3, 4), torch.randn(3, dtype=torch.float64)), TypeError,
+         "bias has dtype"),
+        (lambda: (torch.randn(2, 4), torch.randn(3, 4), torch.randn(1, 3)), ValueError, "bias must have 1 dim"),
     ],
 )
 def test_bad_input(args, error, match):

@@ -97,11 +97,10 @@ def cases(device: torch.device, *, quick: bool = False) -> list[Case]:
 def representative_layer_cases(device: torch.device) -> list[Case]:
     """A few conv and FC layers for the main job; `--layers` runs all of them."""
     from fastcnn.bench.layer_cases import layer_case
-    from fastcnn.bench.layers import ConvLayer, LinearLayer
+    from fastcnn.bench.layers import BATCH, ConvLayer, LinearLayer, on_device
 
-    gpu_batch = 32 if device.type == "cuda" else 8
-    picks = [ConvLayer("resnet50", "layer1 3x3", gpu_batch, 64, (56, 56), 64, 3, 1, 1),
-             ConvLayer("resnet50", "layer1 1x1", gpu_batch, 256, (56, 56), 64, 1),
-             ConvLayer("resnet50", "stem", gpu_batch, 3, (224, 224), 64, 7, 2, 3),
-             LinearLayer("alexnet", "fc7", gpu_batch, 4096, 4096)]
-    return [layer_case(layer, channels_last=True) for layer in picks]
+    picks = [ConvLayer("resnet18", "layer1 conv2", BATCH, 64, (56, 56), 64, 3, 1, 1, residual=True),
+             ConvLayer("resnet50", "layer1.1 conv1", BATCH, 256, (56, 56), 64, 1),
+             ConvLayer("resnet50", "stem", BATCH, 3, (224, 224), 64, 7, 2, 3),
+             LinearLayer("alexnet", "fc7", BATCH, 4096, 4096)]
+    return [layer_case(on_device(layer, device), channels_last=True) for layer in picks]

@@ -19,7 +19,9 @@ class Ceilings:
     matmul_dtype: str
 
 
-def measure(device: torch.device, *, quick: bool = False) -> Ceilings:
+def measure(device: torch.device, *, quick: bool = False, dtype: torch.dtype | None = None) -> Ceilings:
+    """Copy bandwidth, and the matrix-product rate in `dtype` (default: float16 on a
+    GPU, float32 on the CPU), the dtype the compute-bound ops are judged in."""
     # A copy far larger than the last-level cache, so that DRAM/HBM is what is measured.
     numel = (64 if quick else 256) * 2**20 // 4 * (4 if device.type == "cuda" else 1)
     src = torch.randn(numel, device=device)
@@ -28,9 +30,9 @@ def measure(device: torch.device, *, quick: bool = False) -> Ceilings:
     copy_gbps = 2 * src.numel() * src.element_size() / ms / 1e6
 
     if device.type == "cuda":
-        n, dtype = (4096 if quick else 8192), torch.float16
+        n, dtype = (4096 if quick else 8192), dtype or torch.float16
     else:
-        n, dtype = (1024 if quick else 2048), torch.float32
+        n, dtype = (1024 if quick else 2048), dtype or torch.float32
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     ms = time_ms(lambda: torch.mm(a, b), device, repeats=5 if quick else 9)

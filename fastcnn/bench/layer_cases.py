@@ -36,9 +36,8 @@ def _with_backward(forward):
     return run
 
 
-def conv_case(layer: ConvLayer, *, channels_last: bool = True, backward: bool = False,
-              residual: bool = False) -> Case:
-    stride, pad, groups = layer.stride, layer.padding, layer.groups
+def conv_case(layer: ConvLayer, *, channels_last: bool = True, backward: bool = False) -> Case:
+    stride, pad, groups, residual = layer.stride, layer.padding, layer.groups, layer.residual
 
     def eager(x, w, b, r):
         y = F.conv2d(x, w, b, stride, pad, 1, groups)

@@ -11,7 +11,7 @@ under the first network that has it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -26,11 +26,13 @@ class ConvLayer:
     stride: int = 1
     padding: int = 0
     groups: int = 1
+    # The residual add (+ ReLU) of a ResNet block happens in this layer's epilogue.
+    residual: bool = False
 
     @property
     def key(self) -> tuple:
         return ("conv", self.in_channels, self.size, self.out_channels, self.kernel, self.stride, self.padding,
-                self.groups)
+                self.groups, self.residual)
 
     @property
     def out_size(self) -> tuple[int, int]:
@@ -115,7 +117,8 @@ def resnet18() -> list:
             layers.append(ConvLayer("resnet18", f"layer{stage + 1} downsample", BATCH, channels, (size, size), width,
                                     1, stride))
         size //= stride
-        layers.append(ConvLayer("resnet18", f"layer{stage + 1} conv2", BATCH, width, (size, size), width, 3, 1, 1))
+        layers.append(ConvLayer("resnet18", f"layer{stage + 1} conv2", BATCH, width, (size, size), width, 3, 1, 1,
+                                residual=True))
         channels = width
     return layers + [LinearLayer("resnet18", "fc", BATCH, 512, 1000)]
 
@@ -132,7 +135,7 @@ def resnet50() -> list:
                    ConvLayer("resnet50", f"{s}.0 conv2", BATCH, width, (size, size), width, 3, stride, 1),
                    ConvLayer("resnet50", f"{s}.0 downsample", BATCH, channels, (size, size), out, 1, stride)]
         size //= stride
-        layers += [ConvLayer("resnet50", f"{s}.0 conv3", BATCH, width, (size, size), out, 1),
+        layers += [ConvLayer("resnet50", f"{s}.0 conv3", BATCH, width, (size, size), out, 1, residual=True),
                    ConvLayer("resnet50", f"{s}.1 conv1", BATCH, out, (size, size), width, 1),
                    ConvLayer("resnet50", f"{s}.1 conv2", BATCH, width, (size, size), width, 3, 1, 1)]
         channels = out
@@ -160,6 +163,17 @@ def googlenet() -> list:
                    ConvLayer(g, f"{name} branch3", BATCH, r5, hw, c5, 3, 1, 1),
                    ConvLayer(g, f"{name} branch4 proj", BATCH, cin, hw, proj, 1)]
     return layers + [LinearLayer(g, "fc", BATCH, 1024, 1000)]
+
+
+GPU_BATCH = 32
+
+
+def on_device(layer, device):
+    """The layer at the batch it is benchmarked with on `device`: a GPU runs the
+    ImageNet networks at batch 32 (LeNet-5 stays at 256)."""
+    if device.type == "cuda" and layer.batch < GPU_BATCH:
+        return replace(layer, batch=GPU_BATCH)
+    return layer
 
 
 NETWORKS = {"lenet5": lenet5, "alexnet": alexnet, "vgg16": vgg16, "resnet18": resnet18, "resnet50": resnet50,

@@ -93,8 +93,9 @@ def run_case(case: Case, backend: str, dtype: torch.dtype, device: torch.device,
 def layer_set_cases(device: torch.device, nets: list[str] | None, backward: bool, channels_last: bool) -> list[Case]:
     """Every distinct conv and FC layer of the networks (fastcnn/bench/layers.py)."""
     from fastcnn.bench.layer_cases import layer_case
-    from fastcnn.bench.layers import distinct_layers
-    return [layer_case(layer, channels_last=channels_last, backward=backward) for layer in distinct_layers(nets)]
+    from fastcnn.bench.layers import distinct_layers, on_device
+    return [layer_case(on_device(layer, device), channels_last=channels_last, backward=backward)
+            for layer in distinct_layers(nets)]
 
 
 def run(device: torch.device, dtype: torch.dtype, *, ops: list[str] | None = None, backends: list[str] | None = None,
@@ -105,7 +106,7 @@ def run(device: torch.device, dtype: torch.dtype, *, ops: list[str] | None = Non
     selected = [c for c in pool if ops is None or c.op in ops]
     names = backends or benchmark_backends(device)
     console.print(f"[bold]fastcnn bench[/bold] on {describe(device)}; backends: {', '.join(names)}; dtype {dtype}")
-    limits = ceilings_mod.measure(device, quick=quick)
+    limits = ceilings_mod.measure(device, quick=quick, dtype=dtype)
     console.print(f"measured ceilings: copy {limits.copy_gbps:.1f} GB/s, "
                   f"{limits.matmul_dtype} matmul {limits.matmul_tflops:.2f} TFLOP/s")
     rows: list[Row] = []

@@ -131,9 +131,6 @@ FORWARD = backend_table(torch=_torch_conv2d, cpu=_cpu_conv2d, cuda=_cuda_conv2d,
 def _launch_forward(launch, input, weight, bias, residual, out, params, act) -> None:
     if not out.numel():
         return
-    if weight.shape[1] == 0:  # no input channels: nothing to sum, only the epilogue
-        _torch_conv2d(input, weight, bias, residual, out, params, act)
-        return
     launch(input, weight, None if bias is None else bias.contiguous(), residual, out, params, act)
 
 
@@ -167,6 +164,8 @@ def check_conv2d_into(out, channel_offset, input, weight, params: ConvParams) ->
     """The slice of out the convolution fills, after checking it fits."""
     check_tensor("out", out, ndim=4)
     check_matches("out", out, "input", input, shape=False)
+    if torch._debug_has_internal_overlap(out) == 1:  # an expanded tensor: one element, many places
+        raise ValueError("out must not have overlapping elements (an expanded tensor cannot be written into)")
     if isinstance(channel_offset, bool) or not isinstance(channel_offset, int):
         raise TypeError(f"channel_offset must be an int, got {channel_offset!r}")
     k = weight.shape[0]
@@ -198,17 +197,21 @@ def _(out, channel_offset, input, weight, bias, residual, stride, padding, dilat
 
 # --- input gradient: grad_input = conv_transpose(grad_pre, weight), as a gather
 
+def _check_size(name: str, size) -> None:
+    if len(size) != 4 or any(s < 0 for s in size):
+        raise ValueError(f"{name} must be 4 non-negative sizes, got {list(size)}")
+
+
 def check_conv2d_input_grad(grad, weight, input_size, stride, padding, dilation, groups) -> ConvParams:
     check_tensor("grad", grad, ndim=4)
     check_tensor("weight", weight, ndim=4)
     check_matches("weight", weight, "grad", grad, shape=False)
+    _check_size("input_size", input_size)
     return _check_backward_shapes(grad, torch.empty(input_size, device="meta"), weight, stride, padding, dilation,
                                   groups)
 
 
 def _check_backward_shapes(grad, input, weight, stride, padding, dilation, groups) -> ConvParams:
-    if len(input.shape) != 4:
-        raise ValueError(f"input_size must have 4 entries, got {list(input.shape)}")
     params = conv_params(input, weight, stride, padding, dilation, groups)
     expected = output_shape(input, weight, params)
     if tuple(grad.shape) != expected:
@@ -280,8 +283,7 @@ def check_conv2d_weight_grad(grad, input, weight_size, stride, padding, dilation
     check_tensor("grad", grad, ndim=4)
     check_tensor("input", input, ndim=4)
     check_matches("input", input, "grad", grad, shape=False)
-    if len(weight_size) != 4:
-        raise ValueError(f"weight_size must have 4 entries, got {list(weight_size)}")
+    _check_size("weight_size", weight_size)
     return _check_backward_shapes(grad, input, torch.empty(weight_size, device="meta"), stride, padding, dilation,
                                   groups)
 
@@ -377,7 +379,7 @@ def pre_activation_grad(grad: Tensor, out: Optional[Tensor], act, has_bias: bool
 
 def _backward(ctx, grad):
     input, weight, out = ctx.saved_tensors
-    grad_pre, grad_bias = pre_activation_grad(grad, out, ctx.act, ctx.has_bias)
+    grad_pre, grad_bias = pre_activation_grad(grad, out, ctx.act, ctx.has_bias and ctx.needs_input_grad[2])
     grad_input = grad_weight = None
     if ctx.needs_input_grad[0]:
         grad_input = torch.ops.fastcnn.conv2d_input_grad(grad_pre, weight, ctx.input_shape, *ctx.conv)

@@ -76,6 +76,10 @@ def conv_params(input: torch.Tensor, weight: torch.Tensor, stride=1, padding=0, 
         raise TypeError(f"groups must be an int, got {groups!r}")
     if groups <= 0:
         raise ValueError(f"groups must be positive, got {groups}")
+    if input.shape[1] == 0:
+        raise ValueError(f"input must have at least one channel, got shape {tuple(input.shape)}")
+    if input.shape[2] == 0 or input.shape[3] == 0:
+        raise ValueError(f"input must have a non-empty image (H, W > 0), got shape {tuple(input.shape)}")
     c_out, c_per_group, kh, kw = weight.shape
     if min(kh, kw) <= 0:
         raise ValueError(f"weight must have a non-empty kernel, got shape {tuple(weight.shape)}")

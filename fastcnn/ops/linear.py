@@ -119,7 +119,7 @@ def _backward(ctx, grad):
     (n, k), m = weight.shape, math.prod(input.shape[:-1])
     grad2 = grad.reshape(m, n)
     out2 = None if out is None else out.reshape(m, n)
-    grad_pre, grad_bias = pre_activation_grad(grad2, out2, ctx.act, ctx.has_bias)
+    grad_pre, grad_bias = pre_activation_grad(grad2, out2, ctx.act, ctx.has_bias and ctx.needs_input_grad[2])
     grad_input = grad_weight = None
     if ctx.needs_input_grad[0]:
         grad_input = torch.ops.fastcnn.linear(grad_pre, weight.t(), None, None).view(input.shape)
