@@ -1,0 +1,681 @@
+// conv2d as three implicit GEMMs on the blocked core (gemm_blocked.h); no im2col
+// buffer: A panels are packed (or, where rows are evenly spaced, read in place)
+// straight from the input through the convolution's index math.
+//   forward:     rows = output pixels (n, oh, ow), cols = output channels of the group,
+//                k = (r, s, c) with c fastest (contiguous in channels_last)
+//   input grad:  rows = input pixels (n, ih, iw), cols = input channels of the group,
+//                k = (r, s, k) gathered from grad with the transposed index math
+//   weight grad: rows = output channels, cols = (r, s, c), k = output pixels (n, oh, ow)
+#include "conv2d.h"
+
+#include "fastcnn/dispatch.h"
+#include "gemm_blocked.h"
+
+namespace fastcnn::cpu {
+namespace {
+
+using gemm::APanel;
+using gemm::MR;
+
+// Below this many channels per kernel tap a K block spans several taps (whole kernel
+// rows, read in place where those lie back to back, else packed); from it on, K blocks
+// stay within one tap so that A can be read in place.
+constexpr int64_t kTapRunChannels = 64;
+
+struct Pixel {
+  int64_t n, y, x;
+  int64_t base;   // forward: offset of tap (0, 0) in the input
+  bool interior;  // forward: every tap inside the image
+  // input grad: y + ph = qy * sh + ay (and likewise x); the row walk's cursor is
+  // at (gy, gx) of the grid of phase (py, px): y = py + gy * sh
+  int64_t qy, qx, ay, ax, py, px, gy, gx;
+};
+
+// One kernel tap as the row side needs it: forward adds (dy, dx); the input grad's
+// pixel p meets tap (r, s) only where p.ay == ry (p.ax == rx), reading q - (qr, qs).
+struct Tap {
+  int64_t dy, dx, qr, ry, qs, rx;
+};
+
+// The A side of the forward and input-grad GEMMs: row = a pixel of a (grid_h x grid_w)
+// grid, k = (r, s, channel), channel fastest. Forward reads src at
+// (y * sh - ph + r * dh, ...); the input grad (kTransposed) reads src at
+// ((y + ph - r * dh) / sh, ...) when the division is exact. The input grad orders its
+// rows by stride phase (y mod sh, x mod sw): MR rows of one phase meet the same taps,
+// so a tap that none of them meets is skipped without packing or multiplying zeros.
+template <class T, bool kTransposed>
+struct ConvRows {
+  const T* src;
+  int64_t sN, sC, sH, sW;
+  int64_t src_h, src_w, grid_h, grid_w;
+  int64_t channels;  // per tap and group
+  int64_t R, S, sh, sw, ph, pw, dh, dw;
+  int64_t batch;
+
+  // Rows in phase py (px) along y (x): grid positions py, py + sh, ...
+  FASTCNN_ALWAYS_INLINE int64_t phase_h(int64_t py) const { return py < grid_h ? (grid_h - py + sh - 1) / sh : 0; }
+  FASTCNN_ALWAYS_INLINE int64_t phase_w(int64_t px) const { return px < grid_w ? (grid_w - px + sw - 1) / sw : 0; }
+
+  FASTCNN_ALWAYS_INLINE Pixel pixel(int64_t m) const {
+    Pixel p{};
+    if constexpr (kTransposed) {
+      for (p.py = 0; p.py < sh; ++p.py) {
+        for (p.px = 0; p.px < sw; ++p.px) {
+          const int64_t hh = phase_h(p.py), ww = phase_w(p.px), size = batch * hh * ww;
+          if (m < size) {
+            p.gx = m % ww;
+            m /= ww;
+            p.gy = m % hh;
+            p.n = m / hh;
+            p.y = p.py + p.gy * sh;
+            p.x = p.px + p.gx * sw;
+            return p;
+          }
+          m -= size;
+        }
+      }
+      return p;
+    } else {
+      p.x = m % grid_w;
+      m /= grid_w;
+      p.y = m % grid_h;
+      p.n = m / grid_h;
+      return p;
+    }
+  }
+
+  FASTCNN_ALWAYS_INLINE void step(Pixel& p) const {
+    if constexpr (kTransposed) {
+      p.x += sw;
+      if (++p.gx < phase_w(p.px)) return;
+      p.gx = 0;
+      p.x = p.px;
+      p.y += sh;
+      if (++p.gy < phase_h(p.py)) return;
+      p.gy = 0;
+      p.y = p.py;
+      if (++p.n < batch) return;
+      p.n = 0;
+      do {  // next non-empty phase
+        if (++p.px == sw) {
+          p.px = 0;
+          ++p.py;
+        }
+      } while (p.py < sh && (phase_h(p.py) == 0 || phase_w(p.px) == 0));
+      p.y = p.py;
+      p.x = p.px;
+    } else {
+      if (++p.x == grid_w) {
+        p.x = 0;
+        if (++p.y == grid_h) {
+          p.y = 0;
+          ++p.n;
+        }
+      }
+    }
+  }
+
+  // Pixels m0 .. m0 + count - 1, stepping instead of dividing.
+  FASTCNN_ALWAYS_INLINE void pixels(int64_t m0, int64_t count, Pixel* out) const {
+    // Field by field: copying the whole struct through the stack stalls store forwarding.
+    Pixel p = pixel(m0);
+    for (int64_t i = 0; i < count; ++i) {
+      Pixel& o = out[i];
+      o.n = p.n;
+      o.y = p.y;
+      o.x = p.x;
+      if constexpr (kTransposed) {
+        const int64_t ty = p.y + ph, tx = p.x + pw;
+        o.qy = ty / sh;
+        o.ay = ty % sh;
+        o.qx = tx / sw;
+        o.ax = tx % sw;
+      } else {
+        const int64_t y0 = p.y * sh - ph, x0 = p.x * sw - pw;
+        o.base = p.n * sN + y0 * sH + x0 * sW;
+        o.interior = y0 >= 0 && y0 + (R - 1) * dh < src_h && x0 >= 0 && x0 + (S - 1) * dw < src_w;
+      }
+      if (i + 1 < count) step(p);
+    }
+  }
+
+  FASTCNN_ALWAYS_INLINE Tap tap_of(int64_t r, int64_t s) const {
+    Tap t{};
+    t.dy = r * dh;
+    t.dx = s * dw;
+    if constexpr (kTransposed) {
+      t.qr = t.dy / sh;
+      t.ry = t.dy % sh;
+      t.qs = t.dx / sw;
+      t.rx = t.dx % sw;
+    }
+    return t;
+  }
+
+  // Offset of tap t of pixel p in src, or -1 where it reads padding / no term.
+  FASTCNN_ALWAYS_INLINE int64_t src_offset(const Pixel& p, const Tap& t) const {
+    int64_t y, x;
+    if constexpr (kTransposed) {
+      if (p.ay != t.ry || p.ax != t.rx) return -1;
+      y = p.qy - t.qr;
+      x = p.qx - t.qs;
+    } else {
+      y = p.y * sh - ph + t.dy;
+      x = p.x * sw - pw + t.dx;
+    }
+    if (y < 0 || y >= src_h || x < 0 || x >= src_w) return -1;
+    return p.n * sN + y * sH + x * sW;
+  }
+
+  // Element stride along k within one kernel row where its taps lie back to back
+  // (channels_last with groups = 1 and dilation 1, or one channel per tap), else 0.
+  FASTCNN_ALWAYS_INLINE int64_t row_step() const {
+    if (kTransposed) return 0;
+    if (channels == 1) return dw * sW;
+    return dw * sW == channels * sC ? sC : 0;
+  }
+  FASTCNN_ALWAYS_INLINE bool row_contiguous() const { return row_step() != 0; }
+
+  // K range [k0, k0 + kl) of one row into d, converted, zero where padding.
+  FASTCNN_ALWAYS_INLINE void pack_row(const Pixel& p, int64_t chan0, int64_t k0, int64_t kl,
+                                      acc_t<T>* d) const {
+    using F = acc_t<T>;
+    int64_t tap = k0 / channels, c = k0 % channels, left = kl;
+    // A whole kernel row of taps is one evenly strided run when pixels are packed
+    // channels-apart (channels_last, groups = 1, dilation 1): small C copies in one go.
+    const int64_t step = row_step();
+    while (left > 0) {
+      const int64_t r = tap / S, s = tap % S;
+      if (step != 0 && c == 0 && s == 0 && left >= S * channels) {
+        const int64_t y = p.y * sh - ph + r * dh, x = p.x * sw - pw;
+        if (y >= 0 && y < src_h && x >= 0 && x + (S - 1) * dw < src_w) {
+          const T* sp = src + p.n * sN + y * sH + x * sW + chan0 * sC;
+          const int64_t len = S * channels;
+          if (step == 1) {
+            for (int64_t t = 0; t < len; ++t) d[t] = F(to_float(sp[t]));
+          } else {
+            for (int64_t t = 0; t < len; ++t) d[t] = F(to_float(sp[t * step]));
+          }
+          d += len;
+          left -= len;
+          tap += S;
+          continue;
+        }
+      }
+      const int64_t len = std::min(channels - c, left);
+      const int64_t off = src_offset(p, tap_of(r, s));
+      if (off < 0) {
+        for (int64_t t = 0; t < len; ++t) d[t] = F(0);
+      } else {
+        const T* sp = src + off + (chan0 + c) * sC;
+        if (sC == 1) {
+          for (int64_t t = 0; t < len; ++t) d[t] = F(to_float(sp[t]));
+        } else {
+          for (int64_t t = 0; t < len; ++t) d[t] = F(to_float(sp[t * sC]));
+        }
+      }
+      d += len;
+      left -= len;
+      ++tap;
+      c = 0;
+    }
+  }
+
+  FASTCNN_ALWAYS_INLINE void a_block(int64_t g, const Pixel* rows, int64_t nrows, int64_t k0, int64_t kl,
+                                     acc_t<T>* buf, APanel<acc_t<T>>* panels) const {
+    using F = acc_t<T>;
+    const int64_t chan0 = g * channels;
+    const int64_t tap = k0 / channels, c0 = k0 % channels, tap_last = (k0 + kl - 1) / channels;
+    // In place needs the block inside one tap, or inside one kernel row of taps
+    // that lie back to back in memory.
+    const int64_t r = tap / S, s = tap % S, r_last = tap_last / S, s_last = tap_last % S;
+    const bool contiguous = tap == tap_last || (row_contiguous() && r == r_last);
+    // Whole kernel rows of back-to-back taps: one segment per row (interior pixels only).
+    const int64_t row_len = S * channels;
+    const bool rows_of_taps = !kTransposed && !contiguous && row_contiguous() && k0 % row_len == 0 &&
+                              kl % row_len == 0;
+    const int64_t cs = tap == tap_last ? sC : row_step();
+    const int64_t tap_off = r * dh * sH + s * dw * sW + (chan0 + c0) * sC;
+    const Tap first = tap_of(r, s), last = tap_of(r_last, s_last);
+    for (int64_t ip = 0; ip * MR < nrows; ++ip) {
+      const Pixel* pr = rows + ip * MR;
+      const int64_t count = std::min<int64_t>(MR, nrows - ip * MR);
+      if constexpr (kTransposed) {  // a tap none of these rows meets: skip it
+        if (tap == tap_last) {
+          bool none = true;
+          for (int64_t i = 0; i < count && none; ++i) none = src_offset(pr[i], first) < 0;
+          if (none) {
+            panels[ip] = {nullptr, 0, 0};
+            continue;
+          }
+        }
+      }
+      if constexpr (std::is_same_v<T, F>) {
+        // Read in place when the MR pixels' taps are inside the image and evenly spaced.
+        if ((contiguous || rows_of_taps) && count == MR) {
+          if constexpr (!kTransposed) {  // interior pixels: no per-tap bounds checks
+            bool interior = true;
+            for (int i = 0; i < MR; ++i) interior = interior && pr[i].interior;
+            const int64_t step = pr[1].base - pr[0].base;
+            for (int i = 2; i < MR && interior; ++i) interior = pr[i].base - pr[i - 1].base == step;
+            if (interior) {
+              panels[ip] = {src + pr[0].base + tap_off, step, cs};
+              if (rows_of_taps) {
+                panels[ip].seg_len = row_len;
+                panels[ip].seg_stride = dh * sH;
+              }
+              continue;
+            }
+          }
+        }
+        if (contiguous && count == MR) {
+          int64_t off[MR];
+          bool ok = true;
+          for (int i = 0; i < MR; ++i) {
+            off[i] = src_offset(pr[i], first);
+            ok = ok && off[i] >= 0 && (tap == tap_last || src_offset(pr[i], last) >= 0);
+          }
+          const int64_t step = off[1] - off[0];
+          for (int i = 2; i < MR; ++i) ok = ok && off[i] - off[i - 1] == step;
+          if (ok) {
+            panels[ip] = {src + off[0] + (chan0 + c0) * sC, step, cs};
+            continue;
+          }
+        }
+      }
+      F* dst = buf + ip * MR * kl;
+      for (int64_t i = 0; i < MR; ++i) {
+        if (i < count) {
+          pack_row(pr[i], chan0, k0, kl, dst + i * kl);
+        } else {
+          for (int64_t k = 0; k < kl; ++k) dst[i * kl + k] = F(0);
+        }
+      }
+      panels[ip] = {dst, kl, 1};
+    }
+  }
+};
+
+// K blocks per tap (or per whole kernel rows, where a row's taps lie back to back)
+// only pay off where A can be read in place (no conversion).
+template <class T, class Problem>
+void set_k_blocking(Problem& p, int64_t channels, int64_t row_len) {
+  p.k_run = p.K;
+  p.k_align = 1;
+  if (!std::is_same_v<T, acc_t<T>>) return;
+  if (channels >= kTapRunChannels) {
+    p.k_run = channels;
+  } else if (row_len > 0) {
+    p.k_align = row_len;
+  }
+}
+
+template <class T>
+struct ConvForward {
+  using F = acc_t<T>;
+  using Row = Pixel;
+  static constexpr bool kPrepackB = true;
+  static constexpr int NR = gemm::kNR<F>;
+  int64_t groups, M, N, K, k_run, k_align;
+  ConvRows<T, false> a;
+  const T* w;
+  const int64_t* ws;
+  int64_t Cg, Kg, S;
+  const T* bias;
+  const T* residual;
+  const int64_t* rs;
+  T* out;
+  const int64_t* os;
+  Act act;
+
+  FASTCNN_ALWAYS_INLINE void rows(int64_t m0, int64_t count, Row* r) const { a.pixels(m0, count, r); }
+  FASTCNN_ALWAYS_INLINE void a_block(int64_t g, const Row* rows, int64_t nrows, int64_t k0, int64_t kl, F* buf,
+                                     APanel<F>* panels) const {
+    a.a_block(g, rows, nrows, k0, kl, buf, panels);
+  }
+  // B[(r, s, c)][k] = w[g * Kg + k, c, r, s]
+  FASTCNN_ALWAYS_INLINE void pack_b(int64_t g, int64_t n0, int64_t ncols, int64_t k0, int64_t kl, F* dst) const {
+    for (int64_t t = 0; t < kl; ++t) {
+      const int64_t k = k0 + t, tap = k / Cg, c = k % Cg;
+      const T* wp = w + (g * Kg + n0) * ws[0] + c * ws[1] + (tap / S) * ws[2] + (tap % S) * ws[3];
+      F* d = dst + t * NR;
+      for (int64_t j = 0; j < ncols; ++j) d[j] = F(to_float(wp[j * ws[0]]));
+      for (int64_t j = ncols; j < NR; ++j) d[j] = F(0);
+    }
+  }
+  FASTCNN_ALWAYS_INLINE void store(int64_t g, const Row* rows, int64_t nrows, int64_t n0, int64_t ncols,
+                                   const F* tile) const {
+    const int64_t k0 = g * Kg + n0;
+    for (int64_t i = 0; i < nrows; ++i) {
+      const Pixel& p = rows[i];
+      T* o = out + p.n * os[0] + k0 * os[1] + p.y * os[2] + p.x * os[3];
+      const T* res = residual == nullptr ? nullptr : residual + p.n * rs[0] + k0 * rs[1] + p.y * rs[2] + p.x * rs[3];
+      gemm::store_row<T>(tile + i * NR, ncols, o, os[1], bias == nullptr ? nullptr : bias + k0, F(0), res, rs[1], act);
+    }
+  }
+};
+
+template <class T>
+struct ConvInputGrad {
+  using F = acc_t<T>;
+  using Row = Pixel;
+  static constexpr bool kPrepackB = true;
+  static constexpr int NR = gemm::kNR<F>;
+  int64_t groups, M, N, K, k_run, k_align;
+  ConvRows<T, true> a;
+  const T* w;
+  const int64_t* ws;
+  int64_t Cg, Kg, S;
+  T* grad_x;
+  const int64_t* gs;
+
+  FASTCNN_ALWAYS_INLINE void rows(int64_t m0, int64_t count, Row* r) const { a.pixels(m0, count, r); }
+  FASTCNN_ALWAYS_INLINE void a_block(int64_t g, const Row* rows, int64_t nrows, int64_t k0, int64_t kl, F* buf,
+                                     APanel<F>* panels) const {
+    a.a_block(g, rows, nrows, k0, kl, buf, panels);
+  }
+  // B[(r, s, k)][c] = w[g * Kg + k, c, r, s]
+  FASTCNN_ALWAYS_INLINE void pack_b(int64_t g, int64_t n0, int64_t ncols, int64_t k0, int64_t kl, F* dst) const {
+    for (int64_t t = 0; t < kl; ++t) {
+      const int64_t k = k0 + t, tap = k / Kg, kk = k % Kg;
+      const T* wp = w + (g * Kg + kk) * ws[0] + n0 * ws[1] + (tap / S) * ws[2] + (tap % S) * ws[3];
+      F* d = dst + t * NR;
+      for (int64_t j = 0; j < ncols; ++j) d[j] = F(to_float(wp[j * ws[1]]));
+      for (int64_t j = ncols; j < NR; ++j) d[j] = F(0);
+    }
+  }
+  FASTCNN_ALWAYS_INLINE void store(int64_t g, const Row* rows, int64_t nrows, int64_t n0, int64_t ncols,
+                                   const F* tile) const {
+    const int64_t c0 = g * Cg + n0;
+    for (int64_t i = 0; i < nrows; ++i) {
+      const Pixel& p = rows[i];
+      T* o = grad_x + p.n * gs[0] + c0 * gs[1] + p.y * gs[2] + p.x * gs[3];
+      gemm::store_row<T>(tile + i * NR, ncols, o, gs[1], nullptr, F(0), nullptr, 0, Act::none);
+    }
+  }
+};
+
+template <class T>
+struct ConvWeightGrad {
+  using F = acc_t<T>;
+  struct Row {
+    int64_t m;  // output channel within the group
+  };
+  static constexpr bool kPrepackB = false;  // B is the input itself: packed per tile and K block
+  static constexpr int NR = gemm::kNR<F>;
+  int64_t groups, M, N, K, k_run, k_align;
+  const T* grad;
+  const int64_t* gs;
+  const T* x;
+  const int64_t* xs;
+  T* grad_w;
+  const int64_t* ws;
+  int64_t Cg, Kg, R, S, H, W, OH, OW, sh, sw, ph, pw, dh, dw;
+  bool pixels_even;  // grad's (n, oh, ow) pixels are one stride apart
+
+  FASTCNN_ALWAYS_INLINE void rows(int64_t m0, int64_t count, Row* r) const {
+    for (int64_t i = 0; i < count; ++i) r[i].m = m0 + i;
+  }
+  FASTCNN_ALWAYS_INLINE Pixel pixel(int64_t p) const {
+    Pixel q;
+    q.x = p % OW;
+    p /= OW;
+    q.y = p % OH;
+    q.n = p / OH;
+    return q;
+  }
+  // A[k][p] = grad[p, g * Kg + k]: rows m0.. of this tile are channels, k = pixels.
+  FASTCNN_ALWAYS_INLINE void a_block(int64_t g, const Row* rows, int64_t nrows, int64_t k0, int64_t kl, F* buf,
+                                     APanel<F>* panels) const {
+    const int64_t m0 = rows[0].m;
+    const Pixel p0 = pixel(k0);
+    const T* base = grad + (g * Kg + m0) * gs[1];
+    for (int64_t ip = 0; ip * MR < nrows; ++ip) {
+      const int64_t count = std::min<int64_t>(MR, nrows - ip * MR);
+      const T* src = base + ip * MR * gs[1];
+      if constexpr (std::is_same_v<T, F>) {
+        if (pixels_even && count == MR) {
+          panels[ip] = {src + p0.n * gs[0] + p0.y * gs[2] + p0.x * gs[3], gs[1], gs[3]};
+          continue;
+        }
+      }
+      F* dst = buf + ip * MR * kl;  // [kl][MR]
+      Pixel q = p0;
+      for (int64_t t = 0; t < kl; ++t) {
+        const T* s = src + q.n * gs[0] + q.y * gs[2] + q.x * gs[3];
+        for (int64_t i = 0; i < MR; ++i) dst[t * MR + i] = i < count ? F(to_float(s[i * gs[1]])) : F(0);
+        if (++q.x == OW) {
+          q.x = 0;
+          if (++q.y == OH) {
+            q.y = 0;
+            ++q.n;
+          }
+        }
+      }
+      panels[ip] = {dst, 1, MR};
+    }
+  }
+  // B[p][(r, s, c)] = x[n, g * Cg + c, oh * sh - ph + r * dh, ow * sw - pw + s * dw]
+  FASTCNN_ALWAYS_INLINE void pack_b(int64_t g, int64_t n0, int64_t ncols, int64_t k0, int64_t kl, F* dst) const {
+    int64_t dy[NR], dx[NR], coff[NR];
+    for (int64_t j = 0; j < ncols; ++j) {
+      const int64_t col = n0 + j, tap = col / Cg, c = col % Cg;
+      dy[j] = (tap / S) * dh;
+      dx[j] = (tap % S) * dw;
+      coff[j] = (g * Cg + c) * xs[1];
+    }
+    // One tap and consecutive channels: a bounds check per pixel, then a run.
+    bool one_tap = (n0 / Cg) == ((n0 + ncols - 1) / Cg);
+    Pixel q = pixel(k0);
+    for (int64_t t = 0; t < kl; ++t) {
+      F* d = dst + t * NR;
+      const int64_t y0 = q.y * sh - ph, x0 = q.x * sw - pw;
+      const T* xn = x + q.n * xs[0];
+      if (one_tap) {
+        const int64_t y = y0 + dy[0], xx = x0 + dx[0];
+        if (y >= 0 && y < H && xx >= 0 && xx < W) {
+          const T* s = xn + y * xs[2] + xx * xs[3] + coff[0];
+          if (xs[1] == 1) {
+            for (int64_t j = 0; j < ncols; ++j) d[j] = F(to_float(s[j]));
+          } else {
+            for (int64_t j = 0; j < ncols; ++j) d[j] = F(to_float(s[j * xs[1]]));
+          }
+        } else {
+          for (int64_t j = 0; j < ncols; ++j) d[j] = F(0);
+        }
+      } else {
+        for (int64_t j = 0; j < ncols; ++j) {
+          const int64_t y = y0 + dy[j], xx = x0 + dx[j];
+          d[j] = (y >= 0 && y < H && xx >= 0 && xx < W) ? F(to_float(xn[y * xs[2] + xx * xs[3] + coff[j]])) : F(0);
+        }
+      }
+      for (int64_t j = ncols; j < NR; ++j) d[j] = F(0);
+      if (++q.x == OW) {
+        q.x = 0;
+        if (++q.y == OH) {
+          q.y = 0;
+          ++q.n;
+        }
+      }
+    }
+  }
+  FASTCNN_ALWAYS_INLINE void store(int64_t g, const Row* rows, int64_t nrows, int64_t n0, int64_t ncols,
+                                   const F* tile) const {
+    const int64_t m0 = rows[0].m;
+    for (int64_t j = 0; j < ncols; ++j) {
+      const int64_t col = n0 + j, tap = col / Cg, c = col % Cg;
+      T* o = grad_w + (g * Kg + m0) * ws[0] + c * ws[1] + (tap / S) * ws[2] + (tap % S) * ws[3];
+      for (int64_t i = 0; i < nrows; ++i) fastcnn::store(o, i * ws[0], tile[i * NR + j]);
+    }
+  }
+};
+
+// Depthwise forward (groups = C = K): one channel per GEMM would pad N = 1 to a whole
+// micro-tile, so a direct loop instead, vectorised over channels (contiguous in
+// channels_last), NR channels at a time through the shared epilogue.
+template <class T>
+struct DepthwiseForward {
+  const T* x;
+  const int64_t* xs;
+  const acc_t<T>* taps;  // [R * S][C], converted once
+  const T* bias;
+  const T* residual;
+  const int64_t* rs;
+  T* out;
+  const int64_t* os;
+  const ConvGeometry* g;
+  Act act;
+};
+
+template <class T>
+FASTCNN_ALWAYS_INLINE void depthwise_rows_body(const DepthwiseForward<T>* d, int64_t begin, int64_t end) {
+  using F = acc_t<T>;
+  constexpr int NR = gemm::kNR<F>;
+  const ConvGeometry& g = *d->g;
+  const int64_t* xs = d->xs;
+  F acc[NR];
+  for (int64_t row = begin; row < end; ++row) {  // row = (n, oh)
+    const int64_t n = row / g.OH, oh = row % g.OH;
+    for (int64_t ow = 0; ow < g.OW; ++ow) {
+      for (int64_t c0 = 0; c0 < g.C; c0 += NR) {
+        const int64_t cnt = std::min<int64_t>(NR, g.C - c0);
+        for (int64_t j = 0; j < NR; ++j) acc[j] = F(0);
+        for (int64_t r = 0; r < g.R; ++r) {
+          const int64_t ih = oh * g.stride_h - g.pad_h + r * g.dil_h;
+          if (ih < 0 || ih >= g.H) continue;
+          for (int64_t s = 0; s < g.S; ++s) {
+            const int64_t iw = ow * g.stride_w - g.pad_w + s * g.dil_w;
+            if (iw < 0 || iw >= g.W) continue;
+            const T* xp = d->x + n * xs[0] + c0 * xs[1] + ih * xs[2] + iw * xs[3];
+            const F* tp = d->taps + (r * g.S + s) * g.C + c0;
+            if (xs[1] == 1) {
+              for (int64_t j = 0; j < cnt; ++j) acc[j] += F(to_float(xp[j])) * tp[j];
+            } else {
+              for (int64_t j = 0; j < cnt; ++j) acc[j] += F(to_float(xp[j * xs[1]])) * tp[j];
+            }
+          }
+        }
+        const int64_t* os = d->os;
+        const int64_t* rs = d->rs;
+        T* o = d->out + n * os[0] + c0 * os[1] + oh * os[2] + ow * os[3];
+        const T* res = d->residual == nullptr ? nullptr : d->residual + n * rs[0] + c0 * rs[1] + oh * rs[2] + ow * rs[3];
+        gemm::store_row<T>(acc, cnt, o, os[1], d->bias == nullptr ? nullptr : d->bias + c0, F(0), res, rs[1], d->act);
+      }
+    }
+  }
+}
+FASTCNN_ISA_VARIANTS(depthwise_rows, depthwise_rows_body)
+
+template <class T>
+void depthwise_forward(const T* x, const int64_t* xs, const T* w, const int64_t* ws, const T* bias, const T* residual,
+                       const int64_t* rs, T* out, const int64_t* os, const ConvGeometry& g, Act act) {
+  using F = acc_t<T>;
+  std::vector<F> taps(size_t(g.R * g.S * g.C));
+  for (int64_t c = 0; c < g.C; ++c)
+    for (int64_t r = 0; r < g.R; ++r)
+      for (int64_t s = 0; s < g.S; ++s)
+        taps[size_t((r * g.S + s) * g.C + c)] = F(to_float(w[c * ws[0] + r * ws[2] + s * ws[3]]));
+  const DepthwiseForward<T> d{x, xs, taps.data(), bias, residual, rs, out, os, &g, act};
+  parallel_for(g.N * g.OH, 1, [&](int64_t begin, int64_t end) {
+    FASTCNN_ISA_CALL(depthwise_rows, T, &d, begin, end);
+  });
+}
+
+}  // namespace
+
+void conv2d_forward(const void* x, const int64_t* x_stride, const void* w, const int64_t* w_stride,
+                    const void* bias, const void* residual, const int64_t* residual_stride, void* out,
+                    const int64_t* out_stride, const ConvGeometry& g, int dtype, int act) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t Cg = g.c_per_group(), Kg = g.k_per_group(), K = g.R * g.S * Cg;
+    if (Cg == 1 && Kg == 1 && g.groups > 1) {
+      depthwise_forward(static_cast<const T*>(x), x_stride, static_cast<const T*>(w), w_stride,
+                        static_cast<const T*>(bias), static_cast<const T*>(residual), residual_stride,
+                        static_cast<T*>(out), out_stride, g, Act(act));
+      return;
+    }
+    ConvForward<T> p{};
+    p.groups = g.groups;
+    p.M = g.N * g.OH * g.OW;
+    p.N = Kg;
+    p.K = K;
+    p.a = {static_cast<const T*>(x), x_stride[0], x_stride[1], x_stride[2], x_stride[3], g.H, g.W, g.OH, g.OW,
+           Cg, g.R, g.S, g.stride_h, g.stride_w, g.pad_h, g.pad_w, g.dil_h, g.dil_w, g.N};
+    set_k_blocking<T>(p, Cg, p.a.row_contiguous() ? g.S * Cg : 0);
+    p.w = static_cast<const T*>(w);
+    p.ws = w_stride;
+    p.Cg = Cg;
+    p.Kg = Kg;
+    p.S = g.S;
+    p.bias = static_cast<const T*>(bias);
+    p.residual = static_cast<const T*>(residual);
+    p.rs = residual_stride;
+    p.out = static_cast<T*>(out);
+    p.os = out_stride;
+    p.act = Act(act);
+    gemm::run<T>(p);
+  });
+}
+
+void conv2d_input_grad(const void* grad, const int64_t* grad_stride, const void* w, const int64_t* w_stride,
+                       void* grad_x, const int64_t* grad_x_stride, const ConvGeometry& g, int dtype) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t Cg = g.c_per_group(), Kg = g.k_per_group(), K = g.R * g.S * Kg;
+    ConvInputGrad<T> p{};
+    p.groups = g.groups;
+    p.M = g.N * g.H * g.W;
+    p.N = Cg;
+    p.K = K;
+    set_k_blocking<T>(p, Kg, 0);
+    p.a = {static_cast<const T*>(grad), grad_stride[0], grad_stride[1], grad_stride[2], grad_stride[3], g.OH, g.OW,
+           g.H, g.W, Kg, g.R, g.S, g.stride_h, g.stride_w, g.pad_h, g.pad_w, g.dil_h, g.dil_w, g.N};
+    p.w = static_cast<const T*>(w);
+    p.ws = w_stride;
+    p.Cg = Cg;
+    p.Kg = Kg;
+    p.S = g.S;
+    p.grad_x = static_cast<T*>(grad_x);
+    p.gs = grad_x_stride;
+    gemm::run<T>(p);
+  });
+}
+
+void conv2d_weight_grad(const void* grad, const int64_t* grad_stride, const void* x, const int64_t* x_stride,
+                        void* grad_w, const int64_t* grad_w_stride, const ConvGeometry& g, int dtype) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const int64_t Cg = g.c_per_group(), Kg = g.k_per_group(), P = g.N * g.OH * g.OW;
+    ConvWeightGrad<T> p{};
+    p.groups = g.groups;
+    p.M = Kg;
+    p.N = g.R * g.S * Cg;
+    p.K = P;
+    p.k_run = P;
+    p.grad = static_cast<const T*>(grad);
+    p.gs = grad_stride;
+    p.x = static_cast<const T*>(x);
+    p.xs = x_stride;
+    p.grad_w = static_cast<T*>(grad_w);
+    p.ws = grad_w_stride;
+    p.Cg = Cg;
+    p.Kg = Kg;
+    p.R = g.R;
+    p.S = g.S;
+    p.H = g.H;
+    p.W = g.W;
+    p.OH = g.OH;
+    p.OW = g.OW;
+    p.sh = g.stride_h;
+    p.sw = g.stride_w;
+    p.ph = g.pad_h;
+    p.pw = g.pad_w;
+    p.dh = g.dil_h;
+    p.dw = g.dil_w;
+    p.pixels_even = grad_stride[2] == g.OW * grad_stride[3] && grad_stride[0] == g.OH * grad_stride[2];
+    gemm::run<T>(p);
+  });
+}
+
+}  // namespace fastcnn::cpu

@@ -1,0 +1,17 @@
+// CPU conv2d: forward with fused bias + residual + activation, input and weight
+// gradients; implicit GEMMs on the blocked core (gemm_blocked.h). Tensors are
+// addressed by 4 element strides in logical order (N, C, H, W) / (K, Cg, R, S).
+#pragma once
+#include <cstdint>
+
+#include "fastcnn/conv_geometry.h"
+
+namespace fastcnn::cpu {
+void conv2d_forward(const void* x, const int64_t* x_stride, const void* w, const int64_t* w_stride,
+                    const void* bias, const void* residual, const int64_t* residual_stride, void* out,
+                    const int64_t* out_stride, const ConvGeometry& g, int dtype, int act);
+void conv2d_input_grad(const void* grad, const int64_t* grad_stride, const void* w, const int64_t* w_stride,
+                       void* grad_x, const int64_t* grad_x_stride, const ConvGeometry& g, int dtype);
+void conv2d_weight_grad(const void* grad, const int64_t* grad_stride, const void* x, const int64_t* x_stride,
+                        void* grad_w, const int64_t* grad_w_stride, const ConvGeometry& g, int dtype);
+}  // namespace fastcnn::cpu

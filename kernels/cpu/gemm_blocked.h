@@ -1,0 +1,363 @@
+// The packed, cache-blocked GEMM core behind conv2d (forward, input grad, weight
+// grad) and linear: C[M, N] = A[M, K] * B[K, N] per group, with a fused epilogue.
+//
+// A problem type supplies the operands and the epilogue; the core owns blocking,
+// threading and the register-blocked micro-kernel. The problem interface:
+//   using Row;                          per-row facts (a pixel, a channel) set up once per tile
+//   static constexpr bool kPrepackB;    true: B is packed once per call (weights); false: per tile
+//   int64_t groups, M, N, K, k_run, k_align;   per-group sizes; K blocks never straddle a
+//                                       multiple of k_run, and start at multiples of k_align (0: 1)
+//   void rows(int64_t m0, int64_t count, Row*);
+//   void a_block(g, const Row* rows, nrows, k0, kl, F* buf, APanel<F>* panels);
+//       one APanel per MR rows: a pointer into the source where the rows are evenly
+//       spaced and need no conversion (no copy at all), else into buf, packed;
+//       a null pointer where the block is all zeros (skipped)
+//   void pack_b(g, n0, ncols, k0, kl, F* dst);   [kl][NR], columns past ncols zero
+//   void store(g, const Row* rows, nrows, n0, ncols, const F* tile);   tile [MR][NR]
+// Every output tile is owned by one thread and reduces its K blocks in order, so
+// results are the same bits on any thread count (K blocking depends on the shape,
+// dtype and layout only; the M/N split, which may follow the thread count, does not
+// change any element's summation order).
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <type_traits>
+#include <vector>
+
+#include "fastcnn/cpu_parallel.h"
+#include "fastcnn/scalar.h"
+
+namespace fastcnn::cpu::gemm {
+
+// 32-byte vectors: one ymm register under AVX2, two xmm registers in the base variant.
+template <class F> struct Vec;
+template <> struct Vec<float> { typedef float type __attribute__((vector_size(32), aligned(4))); };
+template <> struct Vec<double> { typedef double type __attribute__((vector_size(32), aligned(8))); };
+
+constexpr int MR = 6;                               // rows per micro-tile
+template <class F> constexpr int kLanes = 32 / int(sizeof(F));
+template <class F> constexpr int kNR = 2 * kLanes<F>;  // columns: 6 x 16 floats = 12 accumulators
+
+constexpr int64_t kKcTarget = 256;  // a 256 x 16 float B panel (16 KB) stays in L1
+constexpr int64_t kMcTarget = 144;  // 144 x 256 floats of A (144 KB) stay in L2
+constexpr int64_t kNcTarget = 256;
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
+
+// MR rows of A: element (i, k) at ptr[i * rs + k * cs], or, split into segments of
+// seg_len (> 0) k values, element (i, seg * seg_len + t) at ptr[i * rs + seg * seg_stride + t * cs]
+// (one segment per kernel row of a convolution read in place).
+template <class F> struct APanel {
+  const F* ptr;
+  int64_t rs, cs;
+  int64_t seg_len = 0, seg_stride = 0;
+};
+
+// By reference, not by value: a 32-byte vector return would change the base variant's ABI.
+template <class V, class F> FASTCNN_ALWAYS_INLINE void vload(V& v, const F* p) {
+  std::memcpy(&v, p, sizeof(V));
+}
+template <class V, class F> FASTCNN_ALWAYS_INLINE void vstore(F* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// c[MR][NR] (+)= A panel * B panel ([kc][NR]). kUnitK: A rows are contiguous in k.
+// Twelve named accumulators (arrays invite spills); one broadcast live at a time.
+template <class F, bool kUnitK>
+FASTCNN_ALWAYS_INLINE void micro_kernel(int64_t kc, const APanel<F>& a, const F* b, F* c, bool accumulate) {
+  using V = typename Vec<F>::type;
+  constexpr int L = kLanes<F>, NR = kNR<F>;
+  V c00{}, c01{}, c10{}, c11{}, c20{}, c21{}, c30{}, c31{}, c40{}, c41{}, c50{}, c51{};
+  if (accumulate) {
+    vload(c00, c + 0 * NR), vload(c01, c + 0 * NR + L);
+    vload(c10, c + 1 * NR), vload(c11, c + 1 * NR + L);
+    vload(c20, c + 2 * NR), vload(c21, c + 2 * NR + L);
+    vload(c30, c + 3 * NR), vload(c31, c + 3 * NR + L);
+    vload(c40, c + 4 * NR), vload(c41, c + 4 * NR + L);
+    vload(c50, c + 5 * NR), vload(c51, c + 5 * NR + L);
+  }
+#define FASTCNN_GEMM_ROW(i, x) \
+  {                            \
+    const F a_ = (x);          \
+    c##i##0 += b0 * a_;        \
+    c##i##1 += b1 * a_;        \
+  }
+  const int64_t seg_len = a.seg_len > 0 ? a.seg_len : kc;
+  for (int64_t k0 = 0, seg = 0; k0 < kc; k0 += seg_len, ++seg) {
+    const int64_t len = std::min(seg_len, kc - k0);
+    if constexpr (kUnitK) {
+      const F* r0 = a.ptr + seg * a.seg_stride;
+      const F* r1 = r0 + a.rs;
+      const F* r2 = r1 + a.rs;
+      const F* r3 = r2 + a.rs;
+      const F* r4 = r3 + a.rs;
+      const F* r5 = r4 + a.rs;
+      for (int64_t k = 0; k < len; ++k) {
+        V b0, b1;
+        vload(b0, b);
+        vload(b1, b + L);
+        b += NR;
+        FASTCNN_GEMM_ROW(0, r0[k]) FASTCNN_GEMM_ROW(1, r1[k]) FASTCNN_GEMM_ROW(2, r2[k])
+        FASTCNN_GEMM_ROW(3, r3[k]) FASTCNN_GEMM_ROW(4, r4[k]) FASTCNN_GEMM_ROW(5, r5[k])
+      }
+    } else {
+      const F* ak = a.ptr + seg * a.seg_stride;
+      const int64_t rs = a.rs, cs = a.cs;
+      for (int64_t k = 0; k < len; ++k) {
+        V b0, b1;
+        vload(b0, b);
+        vload(b1, b + L);
+        b += NR;
+        FASTCNN_GEMM_ROW(0, ak[0]) FASTCNN_GEMM_ROW(1, ak[rs]) FASTCNN_GEMM_ROW(2, ak[2 * rs])
+        FASTCNN_GEMM_ROW(3, ak[3 * rs]) FASTCNN_GEMM_ROW(4, ak[4 * rs]) FASTCNN_GEMM_ROW(5, ak[5 * rs])
+        ak += cs;
+      }
+    }
+  }
+#undef FASTCNN_GEMM_ROW
+  vstore(c + 0 * NR, c00), vstore(c + 0 * NR + L, c01);
+  vstore(c + 1 * NR, c10), vstore(c + 1 * NR + L, c11);
+  vstore(c + 2 * NR, c20), vstore(c + 2 * NR + L, c21);
+  vstore(c + 3 * NR, c30), vstore(c + 3 * NR + L, c31);
+  vstore(c + 4 * NR, c40), vstore(c + 4 * NR + L, c41);
+  vstore(c + 5 * NR, c50), vstore(c + 5 * NR + L, c51);
+}
+
+// Shared epilogue of one tile row: out[j] = act(tile[j] + bias[j] + row_bias + residual[j]),
+// rounded once to T. bias/residual may be null; strides in elements. One pass per
+// element; the common cases (stride 1, no act or ReLU) get loops the compiler vectorises.
+template <class T>
+FASTCNN_ALWAYS_INLINE void store_row(const acc_t<T>* tile, int64_t cnt, T* out, int64_t out_stride,
+                                     const T* bias, acc_t<T> row_bias, const T* residual,
+                                     int64_t residual_stride, Act act) {
+  using F = acc_t<T>;
+  F v[kNR<F>];
+  if (bias != nullptr) {
+    for (int64_t j = 0; j < cnt; ++j) v[j] = tile[j] + row_bias + load(bias, j);
+  } else {
+    for (int64_t j = 0; j < cnt; ++j) v[j] = tile[j] + row_bias;
+  }
+  if (residual != nullptr)
+    for (int64_t j = 0; j < cnt; ++j) v[j] += load(residual, j * residual_stride);
+  if (out_stride == 1 && (act == Act::relu || act == Act::none)) {
+    if (act == Act::relu) {
+      for (int64_t j = 0; j < cnt; ++j) store(out, j, v[j] < F(0) ? F(0) : v[j]);  // NaN passes
+    } else {
+      for (int64_t j = 0; j < cnt; ++j) store(out, j, v[j]);
+    }
+    return;
+  }
+  for (int64_t j = 0; j < cnt; ++j) store(out, j * out_stride, apply_act(v[j], act));
+}
+
+// Aligned scratch owned by one thread.
+template <class F> class Scratch {
+ public:
+  explicit Scratch(int64_t n)
+      : p_(static_cast<F*>(std::aligned_alloc(64, size_t(round_up(std::max<int64_t>(n, 1) * int64_t(sizeof(F)), 64))))) {
+    if (p_ == nullptr) throw std::bad_alloc();
+  }
+  ~Scratch() { std::free(p_); }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  F* get() const { return p_; }
+
+ private:
+  F* p_;
+};
+
+// Block sizes and the task grid (groups x N blocks x M blocks) of one call.
+struct Plan {
+  int64_t groups, M, N, K;
+  int64_t k_run, kc, k_subs, k_blocks;
+  int64_t mc, nc, m_blocks, n_blocks, n_panels;
+  bool prepacked;
+
+  int64_t tasks() const { return groups * m_blocks * n_blocks; }
+  void k_block(int64_t kb, int64_t& k0, int64_t& kl) const {
+    const int64_t run = kb / k_subs, sub = kb % k_subs;
+    k0 = run * k_run + sub * kc;
+    kl = std::min(kc, k_run - sub * kc);
+  }
+};
+
+// K blocking depends on the shape only (it fixes the summation order); the M/N
+// split also looks at the thread count, to hand every thread the same work.
+inline Plan make_plan(int64_t groups, int64_t M, int64_t N, int64_t K, int64_t k_run, int64_t k_align,
+                      int64_t nr, bool prepacked, int64_t threads) {
+  Plan p{};
+  p.groups = groups;
+  p.M = M;
+  p.N = N;
+  p.K = K;
+  p.k_run = k_run;
+  p.k_subs = ceil_div(k_run, kKcTarget);
+  p.kc = round_up(ceil_div(k_run, p.k_subs), std::max<int64_t>(k_align, 1));
+  p.k_subs = ceil_div(k_run, p.kc);
+  p.k_blocks = (K / k_run) * p.k_subs;
+  p.n_panels = ceil_div(N, nr);
+  int64_t m_blocks = ceil_div(M, kMcTarget);
+  int64_t n_blocks = ceil_div(N, kNcTarget);
+  const int64_t m_max = ceil_div(M, MR), n_max = p.n_panels;
+  // Grow one split until every thread gets the same number of tiles: M first where B
+  // is packed once (free to split), N first where each tile packs its own B.
+  const auto balance = [&](int64_t& blocks, int64_t max_blocks, int64_t others) {
+    for (int64_t b = blocks; b <= std::min(max_blocks, blocks + threads); ++b) {
+      if ((others * b) % threads == 0) {
+        blocks = b;
+        return;
+      }
+    }
+  };
+  if (threads > 1 && groups * m_blocks * n_blocks < 8 * threads) {
+    if (prepacked) {
+      balance(m_blocks, m_max, groups * n_blocks);
+      if ((groups * m_blocks * n_blocks) % threads != 0) balance(n_blocks, n_max, groups * m_blocks);
+    } else {
+      balance(n_blocks, n_max, groups * m_blocks);
+      if ((groups * m_blocks * n_blocks) % threads != 0) balance(m_blocks, m_max, groups * n_blocks);
+    }
+  }
+  p.mc = round_up(ceil_div(M, m_blocks), MR);
+  p.m_blocks = ceil_div(M, p.mc);
+  p.nc = round_up(ceil_div(N, n_blocks), nr);
+  p.n_blocks = ceil_div(N, p.nc);
+  p.prepacked = prepacked;
+  return p;
+}
+
+template <class T, class Problem>
+FASTCNN_ALWAYS_INLINE void pack_b_body(const Problem* prob, const Plan* plan, acc_t<T>* packed,
+                                       int64_t begin, int64_t end) {
+  using F = acc_t<T>;
+  constexpr int NR = kNR<F>;
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t g = t / plan->n_panels, n0 = (t % plan->n_panels) * NR;
+    prob->pack_b(g, n0, std::min<int64_t>(NR, plan->N - n0), 0, plan->K, packed + t * plan->K * NR);
+  }
+}
+FASTCNN_ISA_VARIANTS(gemm_pack_b, pack_b_body)
+
+template <class T, class Problem>
+FASTCNN_ALWAYS_INLINE void tiles_body(const Problem* prob, const Plan* plan, const acc_t<T>* packed_b,
+                                      int64_t begin, int64_t end) {
+  using F = acc_t<T>;
+  using Row = typename Problem::Row;
+  constexpr int NR = kNR<F>;
+  const Plan& pl = *plan;
+  const int64_t mc_pad = round_up(pl.mc, MR), nc_pad = round_up(pl.nc, NR);
+  Scratch<F> a_buf(mc_pad * pl.kc), c_buf(mc_pad * nc_pad), b_buf(pl.prepacked ? 0 : nc_pad * pl.kc);
+  std::vector<Row> rows(size_t(pl.mc));
+  std::vector<APanel<F>> panels(size_t(mc_pad / MR));
+  const int64_t per_group = pl.m_blocks * pl.n_blocks;
+  for (int64_t t = begin; t < end; ++t) {
+    const int64_t g = t / per_group, nb = (t % per_group) / pl.m_blocks, mb = t % pl.m_blocks;
+    const int64_t m0 = mb * pl.mc, mrows = std::min(pl.mc, pl.M - m0);
+    const int64_t n0 = nb * pl.nc, ncols = std::min(pl.nc, pl.N - n0);
+    const int64_t mp = ceil_div(mrows, MR), np = ceil_div(ncols, NR);
+    prob->rows(m0, mrows, rows.data());
+    for (int64_t kb = 0; kb < pl.k_blocks; ++kb) {
+      int64_t k0, kl;
+      pl.k_block(kb, k0, kl);
+      prob->a_block(g, rows.data(), mrows, k0, kl, a_buf.get(), panels.data());
+      const F* b_block;
+      int64_t b_panel_stride;
+      if (pl.prepacked) {
+        b_block = packed_b + ((g * pl.n_panels + n0 / NR) * pl.K + k0) * NR;
+        b_panel_stride = pl.K * NR;
+      } else {
+        for (int64_t jp = 0; jp < np; ++jp)
+          prob->pack_b(g, n0 + jp * NR, std::min<int64_t>(NR, ncols - jp * NR), k0, kl, b_buf.get() + jp * kl * NR);
+        b_block = b_buf.get();
+        b_panel_stride = kl * NR;
+      }
+      const bool accumulate = kb > 0, last = kb == pl.k_blocks - 1;
+      for (int64_t jp = 0; jp < np; ++jp) {
+        const F* b = b_block + jp * b_panel_stride;
+        for (int64_t ip = 0; ip < mp; ++ip) {
+          F* tile = c_buf.get() + (ip * np + jp) * (MR * NR);
+          const APanel<F>& a = panels[size_t(ip)];
+          if (a.ptr == nullptr) {
+            if (!accumulate) std::memset(tile, 0, sizeof(F) * MR * NR);
+          } else if (a.cs == 1) {
+            micro_kernel<F, true>(kl, a, b, tile, accumulate);
+          } else {
+            micro_kernel<F, false>(kl, a, b, tile, accumulate);
+          }
+          if (last)  // the epilogue runs on the tile just written, still in L1
+            prob->store(g, rows.data() + ip * MR, std::min<int64_t>(MR, mrows - ip * MR), n0 + jp * NR,
+                        std::min<int64_t>(NR, ncols - jp * NR), tile);
+        }
+      }
+    }
+  }
+}
+FASTCNN_ISA_VARIANTS(gemm_tiles, tiles_body)
+
+// Runs the whole GEMM of `prob` on the thread pool.
+template <class T, class Problem>
+void run(const Problem& prob) {
+  using F = acc_t<T>;
+  constexpr int NR = kNR<F>;
+  const Plan plan = make_plan(prob.groups, prob.M, prob.N, prob.K, prob.k_run, prob.k_align, NR,
+                              Problem::kPrepackB, omp_get_max_threads());
+  Scratch<F> packed(plan.prepacked ? plan.groups * plan.n_panels * plan.K * NR : 0);
+  if (plan.prepacked) {
+    parallel_for(plan.groups * plan.n_panels, 1, [&](int64_t begin, int64_t end) {
+      FASTCNN_ISA_CALL(gemm_pack_b, T, &prob, &plan, packed.get(), begin, end);
+    });
+  }
+  const F* packed_b = packed.get();
+  parallel_for(plan.tasks(), 1, [&](int64_t begin, int64_t end) {
+    FASTCNN_ISA_CALL(gemm_tiles, T, &prob, &plan, packed_b, begin, end);
+  });
+}
+
+// Packs MR rows of a strided matrix A[i][k] = src[i * rs + k * cs] (count < MR rows
+// valid, the rest zero) in the layout that reads the source in order.
+template <class T>
+FASTCNN_ALWAYS_INLINE APanel<acc_t<T>> pack_strided_a(const T* src, int64_t rs, int64_t cs, int64_t count,
+                                                      int64_t kl, acc_t<T>* dst) {
+  using F = acc_t<T>;
+  if (cs == 1) {  // [MR][kl]
+    for (int64_t i = 0; i < MR; ++i) {
+      F* d = dst + i * kl;
+      if (i < count) {
+        const T* s = src + i * rs;
+        for (int64_t k = 0; k < kl; ++k) d[k] = F(to_float(s[k]));
+      } else {
+        for (int64_t k = 0; k < kl; ++k) d[k] = F(0);
+      }
+    }
+    return {dst, kl, 1};
+  }
+  for (int64_t k = 0; k < kl; ++k) {  // [kl][MR]
+    const T* s = src + k * cs;
+    for (int64_t i = 0; i < MR; ++i) dst[k * MR + i] = i < count ? F(to_float(s[i * rs])) : F(0);
+  }
+  return {dst, 1, MR};
+}
+
+// Packs B[k][n] = src[k * ks + n * ns] for k < kl, n < ncols into [kl][NR].
+template <class T>
+FASTCNN_ALWAYS_INLINE void pack_strided_b(const T* src, int64_t ks, int64_t ns, int64_t ncols, int64_t kl,
+                                          acc_t<T>* dst) {
+  using F = acc_t<T>;
+  constexpr int NR = kNR<F>;
+  for (int64_t k = 0; k < kl; ++k) {
+    const T* s = src + k * ks;
+    F* d = dst + k * NR;
+    if (ns == 1) {
+      for (int64_t j = 0; j < ncols; ++j) d[j] = F(to_float(s[j]));
+    } else {
+      for (int64_t j = 0; j < ncols; ++j) d[j] = F(to_float(s[j * ns]));
+    }
+    for (int64_t j = ncols; j < NR; ++j) d[j] = F(0);
+  }
+}
+
+}  // namespace fastcnn::cpu::gemm
