@@ -5,6 +5,8 @@ Without a GPU the Triton kernels run on the CPU under TRITON_INTERPRET=1, so the
 `triton` backend is tested everywhere (on small shapes)."""
 
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -33,6 +35,14 @@ def assert_close(actual, expected, *, dtype=None, equal_nan=False, scale=1.0):
     torch.testing.assert_close(actual, expected, rtol=rtol * scale, atol=atol * scale, equal_nan=equal_nan)
 
 
+def reduction_scale(terms: int) -> float:
+    """Tolerance multiplier (assert_close's `scale`) for values that each sum `terms`
+    products, as a convolution or matrix product does: the relative rounding error of a
+    running sum grows like the square root of its length; sums of up to 16 terms keep
+    the plain tolerance."""
+    return max(1.0, terms ** 0.5 / 4)
+
+
 def act_grad_from_output(grad, out, act):
     """The gradient before an activation, from its output, with PyTorch's own backward
     formulas: what torch's autograd (and fastcnn) compute. References use it with the
@@ -45,6 +55,17 @@ def act_grad_from_output(grad, out, act):
     if act == "sigmoid":
         return torch.ops.aten.sigmoid_backward(grad, out)
     return grad
+
+
+def assert_same_output_on_1_and_2_threads(script: str) -> None:
+    """Runs a Python script under OMP_NUM_THREADS=1 and =2: it must print the same
+    (non-empty) text, i.e. the CPU kernels' results do not depend on the thread count."""
+    results = []
+    for threads in ("1", "2"):
+        env = dict(os.environ, OMP_NUM_THREADS=threads)
+        run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+        results.append(run.stdout)
+    assert results[0] == results[1] and results[0]
 
 
 def backend_devices():

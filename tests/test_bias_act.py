@@ -1,16 +1,13 @@
 """fastcnn::bias_act against torch: act(x + bias[c]) with the channel on dim 1,
 forward and the fused backward (grad_x and the deterministic grad_bias)."""
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import fastcnn
 from fastcnn import functional as F
-from conftest import DTYPES, LAYOUTS, assert_close, make_input
+from conftest import DTYPES, LAYOUTS, assert_close, assert_same_output_on_1_and_2_threads, make_input
 
 ACTS = [None, "relu", "tanh", "sigmoid"]
 # (N, C, H, W) with odd sizes, 1x1 images and C = 1 and 3; (N, C) as in an FC layer; (N, C, L).
@@ -123,13 +120,7 @@ def test_cpu_grad_bias_independent_of_threads():
     """The partition is fixed by the shape: 1 and 2 OpenMP threads give the same bits."""
     if "cpu" not in fastcnn.available_backends("cpu"):
         pytest.skip("fastcnn._cpu is not built")
-    results = []
-    for threads in ("1", "2"):
-        env = dict(os.environ, OMP_NUM_THREADS=threads)
-        run = subprocess.run([sys.executable, "-c", SUM_SCRIPT], env=env, capture_output=True, text=True,
-                             check=True)
-        results.append(run.stdout)
-    assert results[0] == results[1] and results[0]
+    assert_same_output_on_1_and_2_threads(SUM_SCRIPT)
 
 
 def test_strided_bias(backend_device):

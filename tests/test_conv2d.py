@@ -3,9 +3,6 @@ every gradient, on every backend, for odd geometries and for every distinct
 convolution of the classic networks; the channel-slice output; the backward ops
 on their own; bad input."""
 
-import os
-import subprocess
-import sys
 from dataclasses import dataclass, replace
 
 import pytest
@@ -15,7 +12,8 @@ import fastcnn
 from fastcnn import functional as F
 from fastcnn.bench.layers import conv_layers
 from fastcnn.ops.layout import memory_format_of
-from conftest import DTYPES, LAYOUTS, act_grad_from_output, assert_close, make_input
+from conftest import (DTYPES, LAYOUTS, act_grad_from_output, assert_close, assert_same_output_on_1_and_2_threads,
+                      make_input, reduction_scale)
 
 ACTS = [None, "relu", "tanh", "sigmoid"]
 TORCH_ACTS = {None: lambda v: v, "relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
@@ -124,7 +122,8 @@ def check_forward_and_grads(conv: Conv, dtype, device, layout, act, *, bias=True
     ref = TORCH_ACTS[act](pre)
     assert out.dtype == dtype and out.shape == ref.shape
     assert out.is_contiguous(memory_format=memory_format_of(x))
-    assert_close(out, ref.to(dtype))
+    cg, kg, taps = conv.c // conv.groups, conv.k // conv.groups, conv.kernel[0] * conv.kernel[1]
+    assert_close(out, ref.to(dtype), scale=reduction_scale(cg * taps))
     if not grads:
         return
     grad = make_input(out.shape, dtype, device, "nchw")
@@ -134,9 +133,11 @@ def check_forward_and_grads(conv: Conv, dtype, device, layout, act, *, bias=True
     for name, got, expected in zip(names, leaves, ref_leaves):
         assert got.grad is not None, name
         assert got.grad.shape == got.shape, name
-        # A weight or bias gradient sums over the batch and every output pixel.
-        reduction = conv.n * out.shape[2] * out.shape[3] if name in "wb" else 1
-        assert_close(got.grad, expected.grad.to(dtype), scale=max(1.0, reduction ** 0.5 / 4))
+        # Terms per value: the batch and every output pixel for the weight and bias
+        # gradients; output channels and taps for the input gradient.
+        terms = {"x": kg * taps, "w": conv.n * out.shape[2] * out.shape[3], "r": 1}
+        terms["b"] = terms["w"]
+        assert_close(got.grad, expected.grad.to(dtype), scale=reduction_scale(terms[name]))
 
 
 @pytest.mark.parametrize("conv", ODD, ids=str)
@@ -334,13 +335,7 @@ def test_cpu_reductions_independent_of_threads():
     """Weight gradients (and long linear reductions) come out bit-identical on 1 and 2 OpenMP threads."""
     if "cpu" not in fastcnn.available_backends("cpu"):
         pytest.skip("fastcnn._cpu is not built")
-    results = []
-    for threads in ("1", "2"):
-        env = dict(os.environ, OMP_NUM_THREADS=threads)
-        run = subprocess.run([sys.executable, "-c", WEIGHT_GRAD_SCRIPT], env=env, capture_output=True, text=True,
-                             check=True)
-        results.append(run.stdout)
-    assert results[0] == results[1] and results[0]
+    assert_same_output_on_1_and_2_threads(WEIGHT_GRAD_SCRIPT)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])

@@ -7,7 +7,7 @@ import torch
 import fastcnn
 from fastcnn import functional as F
 from fastcnn.bench.layers import linear_layers
-from conftest import DTYPES, act_grad_from_output, assert_close
+from conftest import DTYPES, act_grad_from_output, assert_close, reduction_scale
 
 ACTS = [None, "relu", "tanh", "sigmoid"]
 TORCH_ACTS = {None: lambda v: v, "relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
@@ -37,15 +37,15 @@ def check(x, w, b, act):
     pre = torch.nn.functional.linear(refs[0], refs[1], refs[2] if b is not None else None)
     ref = TORCH_ACTS[act](pre)
     assert out.shape == ref.shape and out.dtype == x.dtype
-    assert_close(out, ref.to(x.dtype))
+    assert_close(out, ref.to(x.dtype), scale=reduction_scale(x.shape[-1]))
     grad = torch.randn(out.shape).to(device=out.device, dtype=out.dtype)
     out.backward(grad)
     # The activation's gradient from fastcnn's output (a value within rounding of 0 cannot flip ReLU).
     pre.backward(act_grad_from_output(grad.double(), out.detach().double(), act))
     batch = x.numel() // x.shape[-1]
     for name, got, expected in zip("xwb", leaves, refs):
-        scale = max(1.0, batch ** 0.5 / 4) if name in "wb" else 1.0
-        assert_close(got.grad, expected.grad.to(x.dtype), scale=scale)
+        terms = {"x": w.shape[0], "w": batch, "b": batch}[name]
+        assert_close(got.grad, expected.grad.to(x.dtype), scale=reduction_scale(terms))
 
 
 @pytest.mark.parametrize("act", ACTS)

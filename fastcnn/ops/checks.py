@@ -36,3 +36,14 @@ def check_matches(name: str, t: torch.Tensor, ref_name: str, ref: torch.Tensor, 
 def check_act(act, allowed: Sequence[str | None] = tuple(ACT_CODES)) -> None:
     if act not in allowed:
         raise ValueError(f"act must be one of {', '.join(repr(a) for a in allowed)}, got {act!r}")
+
+
+def check_layer_bias(bias, input: torch.Tensor, weight: torch.Tensor) -> None:
+    """An optional bias of a conv or FC layer: one value per output channel (weight.shape[0])."""
+    if bias is None:
+        return
+    check_tensor("bias", bias, ndim=1)
+    check_matches("bias", bias, "input", input, shape=False)
+    if bias.shape[0] != weight.shape[0]:
+        raise ValueError(f"bias must have weight.shape[0] = {weight.shape[0]} elements, got shape "
+                         f"{tuple(bias.shape)}")

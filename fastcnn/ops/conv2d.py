@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastcnn import _native, backends
-from fastcnn.ops.checks import check_act, check_matches, check_tensor
+from fastcnn.ops.checks import check_act, check_layer_bias, check_matches, check_tensor
 from fastcnn.ops.conv_geometry import ConvParams, conv_params, geometry
 from fastcnn.ops.launch import backend_table
 from fastcnn.ops.layout import new_like
@@ -44,12 +44,7 @@ def check_conv2d(input, weight, bias, residual, stride, padding, dilation, group
     check_tensor("weight", weight, ndim=4)
     check_matches("weight", weight, "input", input, shape=False)
     params = conv_params(input, weight, stride, padding, dilation, groups)
-    if bias is not None:
-        check_tensor("bias", bias, ndim=1)
-        check_matches("bias", bias, "input", input, shape=False)
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"bias must have weight.shape[0] = {weight.shape[0]} elements, got shape "
-                             f"{tuple(bias.shape)}")
+    check_layer_bias(bias, input, weight)
     if residual is not None:
         check_tensor("residual", residual, ndim=4)
         check_matches("residual", residual, "input", input, shape=False)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastcnn import _native, backends
-from fastcnn.ops.checks import check_act, check_matches, check_tensor
+from fastcnn.ops.checks import check_act, check_layer_bias, check_matches, check_tensor
 from fastcnn.ops.conv2d import acc_dtype, pre_activation_grad, torch_act
 from fastcnn.ops.launch import backend_table
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
@@ -37,12 +37,7 @@ def check_linear(input, weight, bias, act) -> None:
     if input.shape[-1] != weight.shape[1]:
         raise ValueError(f"input's last dimension {input.shape[-1]} does not match weight.shape[1] = "
                          f"{weight.shape[1]} (weight is (out_features, in_features))")
-    if bias is not None:
-        check_tensor("bias", bias, ndim=1)
-        check_matches("bias", bias, "input", input, shape=False)
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"bias must have weight.shape[0] = {weight.shape[0]} elements, got shape "
-                             f"{tuple(bias.shape)}")
+    check_layer_bias(bias, input, weight)
     check_act(act, ACTS)
 
 
