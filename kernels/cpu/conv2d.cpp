@@ -510,6 +510,193 @@ struct ConvWeightGrad {
   }
 };
 
+// Input grad for few input channels per group (the transposed GEMM's columns would
+// leave most of the micro-kernel's NR lanes empty) and 1x1 strided kernels (most
+// input pixels meet no tap): first the GEMM cols[(n, oh, ow)][(g, r, s, c)] =
+// sum_k grad[n, g * Kg + k, oh, ow] * w[g * Kg + k, c, r, s], then each input pixel
+// gathers its taps from cols in a fixed (r, s) order. Done a chunk of images at a
+// time so that cols stays cache-sized.
+template <class T>
+struct ConvInputGradCols {
+  using F = acc_t<T>;
+  struct Row {
+    int64_t m;  // output pixel within the chunk
+  };
+  static constexpr bool kPrepackB = true;
+  static constexpr int NR = gemm::kNR<F>;
+  int64_t groups, M, N, K, k_run, k_align;
+  const T* grad;  // at the chunk's first image
+  const int64_t* gs;
+  const T* w;
+  const int64_t* ws;
+  int64_t Cg, Kg, S, OH, OW;
+  F* cols;  // [M][groups * N]
+
+  FASTCNN_ALWAYS_INLINE void rows(int64_t m0, int64_t count, Row* r) const {
+    for (int64_t i = 0; i < count; ++i) r[i].m = m0 + i;
+  }
+  FASTCNN_ALWAYS_INLINE int64_t pixel_offset(int64_t m) const {
+    const int64_t ow = m % OW, rest = m / OW;
+    return (rest / OH) * gs[0] + (rest % OH) * gs[2] + ow * gs[3];
+  }
+  // A[m][k] = grad[pixel m, g * Kg + k]
+  FASTCNN_ALWAYS_INLINE void a_block(int64_t g, const Row* rows, int64_t nrows, int64_t k0, int64_t kl, F* buf,
+                                     APanel<F>* panels) const {
+    const T* base = grad + (g * Kg + k0) * gs[1];
+    for (int64_t ip = 0; ip * MR < nrows; ++ip) {
+      const int64_t count = std::min<int64_t>(MR, nrows - ip * MR);
+      const int64_t m = rows[0].m + ip * MR;
+      int64_t off[MR];
+      for (int64_t i = 0; i < count; ++i) off[i] = pixel_offset(m + i);
+      if constexpr (std::is_same_v<T, F>) {
+        if (count == MR) {  // evenly spaced pixels: read in place
+          const int64_t step = off[1] - off[0];
+          bool even = true;
+          for (int i = 2; i < MR; ++i) even = even && off[i] - off[i - 1] == step;
+          if (even) {
+            panels[ip] = {base + off[0], step, gs[1]};
+            continue;
+          }
+        }
+      }
+      F* dst = buf + ip * MR * kl;  // [MR][kl]
+      for (int64_t i = 0; i < MR; ++i) {
+        F* d = dst + i * kl;
+        if (i < count) {
+          const T* sp = base + off[i];
+          for (int64_t k = 0; k < kl; ++k) d[k] = F(to_float(sp[k * gs[1]]));
+        } else {
+          for (int64_t k = 0; k < kl; ++k) d[k] = F(0);
+        }
+      }
+      panels[ip] = {dst, kl, 1};
+    }
+  }
+  // B[k][(r, s, c)] = w[g * Kg + k, c, r, s]
+  FASTCNN_ALWAYS_INLINE void pack_b(int64_t g, int64_t n0, int64_t ncols, int64_t k0, int64_t kl, F* dst) const {
+    for (int64_t t = 0; t < kl; ++t) {
+      const T* wk = w + (g * Kg + k0 + t) * ws[0];
+      F* d = dst + t * NR;
+      for (int64_t j = 0; j < ncols; ++j) {
+        const int64_t col = n0 + j, tap = col / Cg, c = col % Cg;
+        d[j] = F(to_float(wk[c * ws[1] + (tap / S) * ws[2] + (tap % S) * ws[3]]));
+      }
+      for (int64_t j = ncols; j < NR; ++j) d[j] = F(0);
+    }
+  }
+  FASTCNN_ALWAYS_INLINE void store(int64_t g, const Row* rows, int64_t nrows, int64_t n0, int64_t ncols,
+                                   const F* tile) const {
+    const int64_t ld = groups * N;
+    for (int64_t i = 0; i < nrows; ++i) {
+      F* o = cols + rows[i].m * ld + g * N + n0;
+      for (int64_t j = 0; j < ncols; ++j) o[j] = tile[i * NR + j];
+    }
+  }
+};
+
+// The taps one input coordinate meets along one axis, as offsets into cols:
+// taps of coordinate i are offsets[start[i] .. start[i + 1]), in kernel order.
+struct AxisTaps {
+  std::vector<int64_t> start, offsets;
+  AxisTaps(int64_t size, int64_t taps, int64_t out_size, int64_t stride, int64_t pad, int64_t dil,
+           int64_t out_step, int64_t tap_step) {
+    start.push_back(0);
+    for (int64_t i = 0; i < size; ++i) {
+      for (int64_t t = 0; t < taps; ++t) {
+        const int64_t q = i + pad - t * dil;
+        if (q >= 0 && q % stride == 0 && q / stride < out_size) offsets.push_back(q / stride * out_step + t * tap_step);
+      }
+      start.push_back(int64_t(offsets.size()));
+    }
+  }
+};
+
+template <class T>
+struct ColsGather {
+  const acc_t<T>* cols;  // of the chunk
+  T* grad_x;             // at the chunk's first image
+  const int64_t* gs;
+  const ConvGeometry* g;
+  const AxisTaps* ys;  // offsets of (oh, r)
+  const AxisTaps* xs;  // offsets of (ow, s)
+};
+
+// grad_x rows (n, ih) of the chunk: each pixel sums its taps' columns in (r, s) order.
+template <class T>
+FASTCNN_ALWAYS_INLINE void cols_gather_body(const ColsGather<T>* d, int64_t begin, int64_t end) {
+  using F = acc_t<T>;
+  const ConvGeometry& g = *d->g;
+  const int64_t Cg = g.c_per_group(), RSC = g.R * g.S * Cg, ld = g.groups * RSC;
+  const int64_t* ys = d->ys->offsets.data();
+  const int64_t* xs = d->xs->offsets.data();
+  std::vector<F> acc(size_t(g.C));
+  F* a = acc.data();
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t n = row / g.H, ih = row % g.H;
+    const F* image = d->cols + n * g.OH * g.OW * ld;
+    const int64_t y0 = d->ys->start[size_t(ih)], y1 = d->ys->start[size_t(ih) + 1];
+    for (int64_t iw = 0; iw < g.W; ++iw) {
+      const int64_t x0 = d->xs->start[size_t(iw)], x1 = d->xs->start[size_t(iw) + 1];
+      for (int64_t c = 0; c < g.C; ++c) a[c] = F(0);
+      for (int64_t yi = y0; yi < y1; ++yi) {
+        for (int64_t xi = x0; xi < x1; ++xi) {
+          const F* src = image + ys[yi] + xs[xi];
+          if (g.groups == 1) {
+            for (int64_t c = 0; c < Cg; ++c) a[c] += src[c];
+          } else {
+            for (int64_t gi = 0; gi < g.groups; ++gi)
+              for (int64_t c = 0; c < Cg; ++c) a[gi * Cg + c] += src[gi * RSC + c];
+          }
+        }
+      }
+      T* o = d->grad_x + n * d->gs[0] + ih * d->gs[2] + iw * d->gs[3];
+      for (int64_t c = 0; c < g.C; ++c) store(o, c * d->gs[1], a[c]);
+    }
+  }
+}
+FASTCNN_ISA_VARIANTS(cols_gather, cols_gather_body)
+
+// Images per chunk: cols of about this many bytes (shape only, not thread count).
+constexpr int64_t kColsChunkBytes = int64_t(4) << 20;
+
+template <class T>
+void input_grad_by_cols(const T* grad, const int64_t* gs, const T* w, const int64_t* ws, T* grad_x,
+                        const int64_t* gxs, const ConvGeometry& g) {
+  using F = acc_t<T>;
+  const int64_t Cg = g.c_per_group(), Kg = g.k_per_group(), RSC = g.R * g.S * Cg;
+  const int64_t image_bytes = g.OH * g.OW * g.groups * RSC * int64_t(sizeof(F));
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(g.N, kColsChunkBytes / std::max<int64_t>(image_bytes, 1)));
+  gemm::Scratch<F> cols(chunk * g.OH * g.OW * g.groups * RSC);
+  const int64_t ld = g.groups * RSC;
+  const AxisTaps ys(g.H, g.R, g.OH, g.stride_h, g.pad_h, g.dil_h, g.OW * ld, g.S * Cg);
+  const AxisTaps xs(g.W, g.S, g.OW, g.stride_w, g.pad_w, g.dil_w, ld, Cg);
+  for (int64_t n0 = 0; n0 < g.N; n0 += chunk) {
+    const int64_t images = std::min(chunk, g.N - n0);
+    ConvInputGradCols<T> p{};
+    p.groups = g.groups;
+    p.M = images * g.OH * g.OW;
+    p.N = RSC;
+    p.K = Kg;
+    p.k_run = Kg;
+    p.k_align = 1;
+    p.grad = grad + n0 * gs[0];
+    p.gs = gs;
+    p.w = w;
+    p.ws = ws;
+    p.Cg = Cg;
+    p.Kg = Kg;
+    p.S = g.S;
+    p.OH = g.OH;
+    p.OW = g.OW;
+    p.cols = cols.get();
+    gemm::run<T>(p);
+    const ColsGather<T> d{cols.get(), grad_x + n0 * gxs[0], gxs, &g, &ys, &xs};
+    parallel_for(images * g.H, 1, [&](int64_t begin, int64_t end) {
+      FASTCNN_ISA_CALL(cols_gather, T, &d, begin, end);
+    });
+  }
+}
+
 // Depthwise forward (groups = C = K): one channel per GEMM would pad N = 1 to a whole
 // micro-tile, so a direct loop instead, vectorised over channels (contiguous in
 // channels_last), NR channels at a time through the shared epilogue.
@@ -623,6 +810,11 @@ void conv2d_input_grad(const void* grad, const int64_t* grad_stride, const void*
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
     const int64_t Cg = g.c_per_group(), Kg = g.k_per_group(), K = g.R * g.S * Kg;
+    if (Cg < gemm::kNR<acc_t<T>> || (g.R == 1 && g.S == 1 && (g.stride_h > 1 || g.stride_w > 1))) {
+      input_grad_by_cols(static_cast<const T*>(grad), grad_stride, static_cast<const T*>(w), w_stride,
+                         static_cast<T*>(grad_x), grad_x_stride, g);
+      return;
+    }
     ConvInputGrad<T> p{};
     p.groups = g.groups;
     p.M = g.N * g.H * g.W;
