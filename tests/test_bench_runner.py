@@ -46,6 +46,14 @@ def test_geomean_speedups():
     assert abs(mean - 1.0) < 1e-12 and worst == 0.5 and n == 3
 
 
+def test_summary_against_compile():
+    def row(eager, ours, compiled):
+        return runner.Row("conv2d", "c", "s", "float32", "cpu", ours, eager, eager / ours, 0, 0, True,
+                          compile_ms=compiled)
+    (line,) = runner.summary_lines([row(2.0, 1.0, 4.0), row(1.0, 1.0, 0.25)])
+    assert "geometric mean 1.41x eager over 2 cases, worst 1.00x; 1.00x torch.compile" in line
+
+
 def test_cli_layers_arguments():
     args = cli.parse_args(["bench", "--layers", "--nets", "lenet5", "--backward", "--compile"])
     assert args.layers and args.nets == ["lenet5"] and args.backward and args.compile and not args.nchw

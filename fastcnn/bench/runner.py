@@ -138,12 +138,16 @@ def _compile_text(r: Row) -> str:
     return "" if r.compile_ms is None else f"{r.compile_ms:.3f}"
 
 
+def _geomean(values: list[float]) -> float:
+    return math.exp(sum(map(math.log, values)) / len(values))
+
+
 def geomean_speedups(rows: list[Row]) -> dict[tuple[str, str], tuple[float, float, int]]:
     """(op, backend) -> (geometric mean speedup, worst speedup, layer count)."""
     groups: dict[tuple[str, str], list[float]] = defaultdict(list)
     for r in rows:
         groups[(r.op, r.backend)].append(r.speedup)
-    return {k: (math.exp(sum(map(math.log, v)) / len(v)), min(v), len(v)) for k, v in groups.items()}
+    return {k: (_geomean(v), min(v), len(v)) for k, v in groups.items()}
 
 
 def table(rows: list[Row], limits) -> Table:
@@ -162,8 +166,16 @@ def table(rows: list[Row], limits) -> Table:
 
 
 def summary_lines(rows: list[Row]) -> list[str]:
-    return [f"{op} [{backend}]: geometric mean {g:.2f}x eager over {n} cases, worst {worst:.2f}x"
-            for (op, backend), (g, worst, n) in geomean_speedups(rows).items() if n > 1]
+    lines = []
+    for (op, backend), (g, worst, n) in geomean_speedups(rows).items():
+        if n < 2:
+            continue
+        line = f"{op} [{backend}]: geometric mean {g:.2f}x eager over {n} cases, worst {worst:.2f}x"
+        compiled = [r.compile_ms / r.ms for r in rows if r.op == op and r.backend == backend and r.compile_ms]
+        if compiled:
+            line += f"; {_geomean(compiled):.2f}x torch.compile"
+        lines.append(line)
+    return lines
 
 
 def markdown(rows: list[Row], limits, device: torch.device) -> str:
