@@ -501,3 +501,38 @@ def test_bad_backward_op_input():
     with pytest.raises(ValueError, match="weight_size must be 4 non-negative sizes"):
         torch.ops.fastcnn.conv2d_weight_grad(grad, torch.randn(1, 3, 5, 5), [4, 3, 3], [1, 1], [0, 0, 0, 0], [1, 1],
                                              1)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect", "circular"])
+def test_modules_drop_in(backend_device, padding_mode):
+    """fastcnn.nn.Conv2d / Conv2dReLU: torch.nn.Conv2d's parameters, initialisation and
+    state_dict keys; outputs and gradients as torch.nn.Conv2d followed by the activation."""
+    _, device = backend_device
+    torch.manual_seed(3)
+    ref = torch.nn.Conv2d(4, 6, 3, stride=1, padding=1, groups=2, padding_mode=padding_mode, device=device)
+    torch.manual_seed(3)
+    fused = fastcnn.nn.Conv2dReLU(4, 6, 3, stride=1, padding=1, groups=2, padding_mode=padding_mode, device=device)
+    assert list(fused.state_dict()) == list(ref.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(fused.parameters(), ref.parameters()))
+    x = make_input((2, 4, 7, 6), torch.float32, device, "channels_last", requires_grad=True)
+    got = fused(x)
+    expected = torch.relu(ref(x))
+    assert_close(got, expected, scale=reduction_scale(18))
+    got.square().sum().backward()
+    grads = [x.grad.clone(), *(p.grad.clone() for p in fused.parameters())]
+    x.grad = None
+    expected.square().sum().backward()
+    for g, e in zip(grads, [x.grad, *(p.grad for p in ref.parameters())]):
+        assert_close(g, e, scale=reduction_scale(84))
+
+    with_residual = fastcnn.nn.Conv2d(4, 6, 3, padding="same", activation="tanh", device=device)
+    with_residual.load_state_dict(torch.nn.Conv2d(4, 6, 3, device=device).state_dict(), strict=True)
+    r = torch.randn(2, 6, 7, 6, device=device)
+    plain = torch.nn.Conv2d(4, 6, 3, padding="same", device=device)
+    plain.load_state_dict(with_residual.state_dict())
+    assert_close(with_residual(x.detach(), r), torch.tanh(plain(x.detach()) + r), scale=reduction_scale(36))
+
+
+def test_module_rejects_unknown_activation():
+    with pytest.raises(ValueError, match="act must be"):
+        fastcnn.nn.Conv2d(3, 4, 3, activation="gelu")

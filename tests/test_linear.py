@@ -182,3 +182,27 @@ def test_bad_input(args, error, match):
     if isinstance(x, torch.Tensor):
         with pytest.raises(error, match=match):
             torch.ops.fastcnn.linear(x, w, b, act)
+
+
+def test_module_drop_in(backend_device):
+    """fastcnn.nn.Linear: torch.nn.Linear's parameters, initialisation and state_dict keys."""
+    _, device = backend_device
+    torch.manual_seed(5)
+    ref = torch.nn.Linear(12, 7, device=device)
+    torch.manual_seed(5)
+    fused = fastcnn.nn.Linear(12, 7, device=device, activation="relu")
+    assert list(fused.state_dict()) == list(ref.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(fused.parameters(), ref.parameters()))
+    x = torch.randn(3, 5, 12, device=device, requires_grad=True)
+    got = fused(x)
+    expected = torch.relu(ref(x))
+    assert_close(got, expected, scale=reduction_scale(12))
+    got.sum().backward()
+    grads = [x.grad.clone(), *(p.grad.clone() for p in fused.parameters())]
+    x.grad = None
+    expected.sum().backward()
+    for g, e in zip(grads, [x.grad, *(p.grad for p in ref.parameters())]):
+        assert_close(g, e, scale=reduction_scale(15))
+    plain = fastcnn.nn.Linear(12, 7, bias=False, device=device)
+    plain.load_state_dict({"weight": ref.weight.detach()}, strict=True)
+    assert_close(plain(x.detach()), x.detach() @ ref.weight.detach().t(), scale=reduction_scale(12))
