@@ -457,12 +457,17 @@ struct ConvWeightGrad {
   }
   // B[p][(r, s, c)] = x[n, g * Cg + c, oh * sh - ph + r * dh, ow * sw - pw + s * dw]
   FASTCNN_ALWAYS_INLINE void pack_b(int64_t g, int64_t n0, int64_t ncols, int64_t k0, int64_t kl, F* dst) const {
-    int64_t dy[NR], dx[NR], coff[NR];
+    int64_t dy[NR], dx[NR], coff[NR], off[NR];
+    int64_t dy_max = 0, dx_min = 0, dx_max = 0;
     for (int64_t j = 0; j < ncols; ++j) {
       const int64_t col = n0 + j, tap = col / Cg, c = col % Cg;
       dy[j] = (tap / S) * dh;
       dx[j] = (tap % S) * dw;
       coff[j] = (g * Cg + c) * xs[1];
+      off[j] = dy[j] * xs[2] + dx[j] * xs[3] + coff[j];
+      dy_max = std::max(dy_max, dy[j]);
+      dx_min = j == 0 ? dx[j] : std::min(dx_min, dx[j]);
+      dx_max = std::max(dx_max, dx[j]);
     }
     // One tap and consecutive channels: a bounds check per pixel, then a run.
     bool one_tap = (n0 / Cg) == ((n0 + ncols - 1) / Cg);
@@ -483,6 +488,10 @@ struct ConvWeightGrad {
         } else {
           for (int64_t j = 0; j < ncols; ++j) d[j] = F(0);
         }
+      } else if (y0 + dy[0] >= 0 && y0 + dy_max < H && x0 + dx_min >= 0 && x0 + dx_max < W) {
+        // Every column's tap inside the image (all pixels of an unpadded conv): no per-element check.
+        const int64_t origin = y0 * xs[2] + x0 * xs[3];
+        for (int64_t j = 0; j < ncols; ++j) d[j] = F(to_float(xn[origin + off[j]]));
       } else {
         for (int64_t j = 0; j < ncols; ++j) {
           const int64_t y = y0 + dy[j], xx = x0 + dx[j];
