@@ -16,8 +16,8 @@ def test_multiply_adds_match_torchvision(net, gmacs):
     assert abs(total / 1e9 - gmacs) / gmacs < 0.01
 
 
-def test_every_layer_fits_its_neighbour():
-    """Each network's layer shapes are self-consistent: the layout is valid PyTorch."""
+def test_layer_output_sizes_match_torch():
+    """Each conv layer's output size is the one PyTorch computes for its geometry."""
     for net, build in NETWORKS.items():
         for layer in build():
             if isinstance(layer, ConvLayer):

@@ -50,7 +50,7 @@ def _one(shape, dtype, device, channels_last):
     return (_activation(shape, dtype, device, channels_last),)
 
 
-def _nbytes(*tensors) -> int:
+def nbytes(*tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
@@ -69,28 +69,28 @@ def cases(device: torch.device, *, quick: bool = False) -> list[Case]:
             layout = "channels_last" if cl else "nchw"
             out.append(Case("add_act", f"relu {layout}", shape, cl, _two_activations,
                             eager=lambda a, b: torch.relu(a + b), fastcnn=lambda a, b: fcf.add_act(a, b, "relu"),
-                            bytes_moved=lambda inp, y: _nbytes(*inp, y)))
+                            bytes_moved=lambda inp, y: nbytes(*inp, y)))
             out.append(Case("bias_act", f"relu {layout}", shape, cl, _activation_and_bias,
                             eager=lambda x, b: torch.relu(x + _bias_view(x, b)),
                             fastcnn=lambda x, b: fcf.bias_act(x, b, "relu"),
-                            bytes_moved=lambda inp, y: _nbytes(*inp, y)))
+                            bytes_moved=lambda inp, y: nbytes(*inp, y)))
     stem = (batch, 64, 112, 112)
     for cl in (False, True):
         layout = "channels_last" if cl else "nchw"
         out.append(Case("max_pool2d", f"3x3/2 pad 1 {layout}", stem, cl, _one,
                         eager=lambda x: F.max_pool2d(x, 3, 2, 1), fastcnn=lambda x: fcf.max_pool2d(x, 3, 2, 1),
-                        bytes_moved=lambda inp, y: _nbytes(*inp, y)))
+                        bytes_moved=lambda inp, y: nbytes(*inp, y)))
         out.append(Case("avg_pool2d", f"2x2/2 {layout}", act_shapes[0], cl, _one,
                         eager=lambda x: F.avg_pool2d(x, 2), fastcnn=lambda x: fcf.avg_pool2d(x, 2),
-                        bytes_moved=lambda inp, y: _nbytes(*inp, y)))
+                        bytes_moved=lambda inp, y: nbytes(*inp, y)))
         out.append(Case("global_avg_pool2d", f"{layout}", (batch, 2048, 7, 7), cl, _one,
                         eager=lambda x: F.adaptive_avg_pool2d(x, 1), fastcnn=fcf.global_avg_pool2d,
-                        bytes_moved=lambda inp, y: _nbytes(*inp, y)))
+                        bytes_moved=lambda inp, y: nbytes(*inp, y)))
     out += representative_layer_cases(device)
     if not quick:
         out.append(Case("bias_act", "relu fc", (32 * batch, 4096), False, _activation_and_bias,
                         eager=lambda x, b: torch.relu(x + b), fastcnn=lambda x, b: fcf.bias_act(x, b, "relu"),
-                        bytes_moved=lambda inp, y: _nbytes(*inp, y)))
+                        bytes_moved=lambda inp, y: nbytes(*inp, y)))
     return out
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from fastcnn import functional as fcf
-from fastcnn.bench.cases import Case
+from fastcnn.bench.cases import Case, nbytes
 from fastcnn.bench.layers import ConvLayer, LinearLayer
 
 
@@ -24,6 +24,10 @@ def _conv_inputs(layer: ConvLayer, dtype, device, channels_last, residual: bool)
         x, w = x.contiguous(memory_format=torch.channels_last), w.contiguous(memory_format=torch.channels_last)
         r = None if r is None else r.contiguous(memory_format=torch.channels_last)
     return x, w, b, r
+
+
+def _bytes_moved(inputs, y) -> int:
+    return nbytes(*(t for t in (*inputs, y) if t is not None))
 
 
 def _with_backward(forward):
@@ -57,14 +61,11 @@ def conv_case(layer: ConvLayer, *, channels_last: bool = True, backward: bool = 
         grad = grad.contiguous(memory_format=torch.channels_last) if cl else grad
         return x.requires_grad_(), w.requires_grad_(), b.requires_grad_(), r, grad
 
-    def bytes_moved(inputs, y):
-        return sum(t.numel() * t.element_size() for t in (*inputs, y) if t is not None)
-
     mode = "fwd+bwd" if backward else "fwd"
     epilogue = "+add+relu" if residual else "+relu"
     return Case("conv2d", f"{layer.label} {epilogue} {mode}", (layer.batch, layer.in_channels, *layer.size),
                 channels_last, make_inputs, eager=_with_backward(eager) if backward else eager,
-                fastcnn=_with_backward(fused) if backward else fused, bytes_moved=bytes_moved,
+                fastcnn=_with_backward(fused) if backward else fused, bytes_moved=_bytes_moved,
                 flops=2 * layer.macs * (3 if backward else 1), needs_grad=backward)
 
 
@@ -84,13 +85,10 @@ def linear_case(layer: LinearLayer, *, backward: bool = False) -> Case:
     def fused(x, w, b, r):
         return fcf.linear(x, w, b, act="relu")
 
-    def bytes_moved(inputs, y):
-        return sum(t.numel() * t.element_size() for t in (*inputs, y) if t is not None)
-
     mode = "fwd+bwd" if backward else "fwd"
     return Case("linear", f"{layer.label} +relu {mode}", (layer.batch, layer.in_features), False, make_inputs,
                 eager=_with_backward(eager) if backward else eager,
-                fastcnn=_with_backward(fused) if backward else fused, bytes_moved=bytes_moved,
+                fastcnn=_with_backward(fused) if backward else fused, bytes_moved=_bytes_moved,
                 flops=2 * layer.macs * (3 if backward else 1), needs_grad=backward)
 
 

@@ -67,8 +67,7 @@ def run_case(case: Case, backend: str, dtype: torch.dtype, device: torch.device,
     repeats = _repeats(case, quick)
     warmup = 1 if case.flops > 2e10 else 3
     with torch.enable_grad() if case.needs_grad else torch.no_grad():
-        expected = case.eager(*inputs)
-        expected = expected.detach().clone()
+        expected = case.eager(*inputs).detach().clone()
         eager_ms = time_ms(lambda: case.eager(*inputs), device, repeats=repeats, warmup=warmup)
         compile_ms = None
         if with_compile:
