@@ -126,3 +126,16 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, act: st
     from fastcnn.ops.linear import check_linear
     check_linear(input, weight, bias, act)
     return torch.ops.fastcnn.linear(input, weight, bias, act)
+
+
+def local_response_norm(input: Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> Tensor:
+    """As torch.nn.functional.local_response_norm: normalisation across channels (dim 1)
+    of (N, C, *) input. 3-D (N, C, L) and 5-D or more run as (N, C, L, 1) and (N, C, D, rest)."""
+    from fastcnn.ops.local_response_norm import check_lrn_params
+    check_tensor("input", input)
+    check_lrn_params(size, alpha, beta, k)
+    if input.dim() < 3:
+        raise ValueError(f"input must have 3 or more dimensions (N, C, *), got shape {tuple(input.shape)}")
+    x = input.unsqueeze(-1) if input.dim() == 3 else input.flatten(3) if input.dim() > 4 else input
+    out = torch.ops.fastcnn.local_response_norm(x, size, alpha, beta, k)
+    return out.reshape(input.shape) if input.dim() != 4 else out

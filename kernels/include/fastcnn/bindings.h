@@ -11,7 +11,7 @@ inline void* out_ptr(uintptr_t p) { return reinterpret_cast<void*>(p); }
 
 // One function per op file registers that op's kernels on the module.
 #define FASTCNN_FOR_EACH_OP(X) \
-  X(add_act) X(bias_act) X(max_pool2d) X(avg_pool2d) X(global_avg_pool2d) X(conv2d) X(linear)
+  X(add_act) X(bias_act) X(max_pool2d) X(avg_pool2d) X(global_avg_pool2d) X(conv2d) X(linear) X(local_response_norm)
 #define FASTCNN_DECLARE_BIND(op) void bind_cpu_##op(pybind11::module_& m); void bind_cuda_##op(pybind11::module_& m);
 FASTCNN_FOR_EACH_OP(FASTCNN_DECLARE_BIND)
 #undef FASTCNN_DECLARE_BIND
