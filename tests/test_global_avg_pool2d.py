@@ -166,9 +166,10 @@ def test_compile_fullgraph(backend_device):
 
 def test_module():
     x = torch.randn(2, 3, 9, 8)
-    for size in (1, (1, 1), [1, 1]):
+    # global pooling, the input's own size (returned as it is), and other sizes (PyTorch's kernel)
+    for size in (1, (1, 1), [1, 1], (None, 1), (1, None), (9, 8), (None, 8), 2, (1, 2), (3, 5)):
         assert_close(fastcnn.nn.AdaptiveAvgPool2d(size)(x), torch.nn.AdaptiveAvgPool2d(size)(x))
-    for size in (2, (1, 2), (None, 1), True, 1.0):
+    for size in (0, (1, 2, 3), True, 1.0, (1, -1)):
         with pytest.raises(ValueError, match="output_size"):
             fastcnn.nn.AdaptiveAvgPool2d(size)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch.nn.functional as torch_F
 from torch import Tensor, nn
 
 from fastcnn import functional as F
@@ -32,21 +33,32 @@ class AvgPool2d(nn.Module):
 
 
 class AdaptiveAvgPool2d(nn.Module):
-    """As torch.nn.AdaptiveAvgPool2d for output_size 1 or (1, 1) only: the global
-    average pooling that closes ResNet, Inception and the like."""
+    """As torch.nn.AdaptiveAvgPool2d. Output size 1 (global average pooling, which
+    closes ResNet, NiN and Inception) runs fastcnn::global_avg_pool2d; an input that
+    already has the output size is returned as it is (AlexNet's and VGG's pool at
+    224x224); other sizes fall back to PyTorch's kernel."""
 
     def __init__(self, output_size):
         super().__init__()
-        def is_one(v) -> bool:
-            return type(v) is int and v == 1
-
-        if not (is_one(output_size) or (isinstance(output_size, (tuple, list)) and len(output_size) == 2
-                                        and all(is_one(v) for v in output_size))):
-            raise ValueError(f"AdaptiveAvgPool2d: output_size must be 1 or (1, 1), got {output_size!r}")
+        sizes = _pair(output_size) if isinstance(output_size, (int, tuple, list)) or output_size is None else ()
+        if len(sizes) != 2 or not all(v is None or (type(v) is int and v > 0) for v in sizes):
+            raise ValueError(f"AdaptiveAvgPool2d: output_size must be a positive int or a pair of positive ints "
+                             f"or None, got {output_size!r}")
         self.output_size = output_size
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.global_avg_pool2d(input)
+        out_h, out_w = _pair(self.output_size)
+        in_h, in_w = input.shape[-2:]
+        if (out_h or in_h) == 1 and (out_w or in_w) == 1:
+            return F.global_avg_pool2d(input)
+        if (out_h or in_h) == in_h and (out_w or in_w) == in_w:
+            return input
+        return torch_F.adaptive_avg_pool2d(input, self.output_size)
 
     def extra_repr(self) -> str:
         return f"output_size={self.output_size}"
+
+
+def _pair(size) -> tuple:
+    """torch.nn.AdaptiveAvgPool2d's output_size as (h, w); None keeps that input size."""
+    return (size, size) if size is None or isinstance(size, int) else tuple(size)

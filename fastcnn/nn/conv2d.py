@@ -16,8 +16,9 @@ class Conv2d(nn.Conv2d):
     """torch.nn.Conv2d computing act(conv(x) + bias + residual) in one kernel.
 
     `activation` is None, "relu", "tanh" or "sigmoid"; `forward(x, residual=None)`
-    takes the residual of a ResNet block (same shape as the output). A
-    torch.nn.Conv2d checkpoint loads as it is."""
+    takes the residual of a ResNet block (same shape as the output), and `out=`,
+    `channel_offset=` write the result into a channel slice of a larger tensor (an
+    Inception module's branches). A torch.nn.Conv2d checkpoint loads as it is."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
@@ -27,14 +28,15 @@ class Conv2d(nn.Conv2d):
                          padding_mode, device, dtype)
         self.activation = activation
 
-    def forward(self, input: Tensor, residual: Tensor | None = None) -> Tensor:
+    def forward(self, input: Tensor, residual: Tensor | None = None, *, out: Tensor | None = None,
+                channel_offset: int = 0) -> Tensor:
         if self.padding_mode != "zeros":  # as torch.nn.Conv2d: pad explicitly, then convolve unpadded
             input = torch_F.pad(input, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
         else:
             padding = self.padding
         return F.conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
-                        residual=residual, act=self.activation)
+                        residual=residual, act=self.activation, out=out, channel_offset=channel_offset)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", activation={self.activation!r}"

@@ -1,0 +1,1 @@
+"""Inference fusion: BatchNorm folding and the graph rewrite behind fastcnn.fuse."""
