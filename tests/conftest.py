@@ -35,6 +35,20 @@ def assert_close(actual, expected, *, dtype=None, equal_nan=False, scale=1.0):
     torch.testing.assert_close(actual, expected, rtol=rtol * scale, atol=atol * scale, equal_nan=equal_nan)
 
 
+def assert_close_normwise(actual, expected, *, dtype=None, scale=1.0):
+    """Error measured against the tensor's largest magnitude: max|actual - expected|
+    <= rtol * scale * max|expected|, with rtol of `dtype` (default: expected's). For
+    the outputs and gradients of a whole network, where cancellation leaves some
+    elements far smaller than the rounding of the sums that produced them (a batch
+    norm over few values, a gradient summed through many layers), so an element's
+    own relative error says nothing."""
+    rtol, atol = TOLERANCES[dtype or expected.dtype]
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    bound = max(rtol * scale * expected.abs().max().item(), atol)
+    error = (actual - expected).abs().max().item()
+    assert error <= bound, f"max error {error:.3g} exceeds {bound:.3g} (rtol {rtol} x scale {scale:.3g} x max|expected|)"
+
+
 def reduction_scale(terms: int) -> float:
     """Tolerance multiplier (assert_close's `scale`) for values that each sum `terms`
     products, as a convolution or matrix product does: the relative rounding error of a
@@ -66,6 +80,40 @@ def assert_same_output_on_1_and_2_threads(script: str) -> None:
         run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
         results.append(run.stdout)
     assert results[0] == results[1] and results[0]
+
+
+def dispatched_ops(fn, *args):
+    """(fn(*args) under no_grad, [op names in call order]): every op that reached the
+    dispatcher below autograd, aten and fastcnn alike ("aten.relu",
+    "fastcnn.conv2d"), i.e. one per kernel launched; allocations are left out."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops = []
+
+    class Recording(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Recording():
+        result = fn(*args)
+    return result, [op for op in ops if op not in ("aten.empty", "aten.empty_strided")]
+
+
+def randomize_batch_norm(model, seed=0):
+    """Running statistics and affine parameters of every BatchNorm away from their
+    identity start, so that BatchNorm (and folding it) changes something."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=gen) * 0.5)
+                m.running_var.copy_(torch.rand(n, generator=gen) * 2 + 0.25)
+                if m.affine:
+                    m.weight.copy_(torch.randn(n, generator=gen))
+                    m.bias.copy_(torch.randn(n, generator=gen) * 0.5)
+    return model
 
 
 def backend_devices():
