@@ -13,21 +13,32 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="fastcnn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    bench = sub.add_parser("bench", help="benchmark every available backend of every op against eager PyTorch")
+    bench = sub.add_parser("bench", help="benchmark the classic networks (default), their layers (--layers) or "
+                                         "the single ops (--kernels) against eager PyTorch and torch.compile")
     bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     bench.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                        help="default: float16 on a GPU, float32 on the CPU")
-    bench.add_argument("--ops", nargs="+", default=None, help="only these ops (e.g. add_act max_pool2d)")
-    bench.add_argument("--backends", nargs="+", default=None, help="only these backends")
-    bench.add_argument("--quick", action="store_true", help="fewer shapes and repeats")
+    bench.add_argument("--kernels", action="store_true",
+                       help="each op on the shapes the networks give it, instead of whole networks")
+    bench.add_argument("--ops", nargs="+", default=None,
+                       help="with --kernels (implied): only these ops (e.g. add_act max_pool2d)")
+    bench.add_argument("--backends", "--backend", nargs="+", default=None, help="only these fastcnn backends")
+    bench.add_argument("--quick", action="store_true", help="with --kernels: fewer shapes and repeats")
     bench.add_argument("--layers", action="store_true",
                        help="every distinct conv and FC layer of the classic networks instead of the op cases")
     bench.add_argument("--nets", nargs="+", default=None,
-                       help="with --layers: only these networks (lenet5 alexnet vgg16 resnet18 resnet50 googlenet)")
+                       help="these networks (default lenet5 alexnet vgg16 resnet50 googlenet; any of "
+                            "fastcnn.models.list_models()); with --layers: their layers")
+    bench.add_argument("--batch", nargs="+", type=int, default=None,
+                       help="networks: batch sizes (default 1 and 8 on the CPU, 256 on a GPU)")
+    bench.add_argument("--mode", choices=["infer", "train"], default=None,
+                       help="networks: inference or a training step only (default both)")
+    bench.add_argument("--no-compile", action="store_true", help="networks: do not time torch.compile")
+    bench.add_argument("--plot", default=None, help="networks: write a bar chart of the speedups here (PNG)")
     bench.add_argument("--backward", action="store_true", help="with --layers: time forward + backward")
     bench.add_argument("--nchw", action="store_true", help="with --layers: NCHW instead of channels_last")
     bench.add_argument("--compile", action="store_true",
-                       help="also time torch.compile of the eager code (compiles once per case: slow)")
+                       help="with --kernels or --layers: also time torch.compile of the eager code (slow)")
     bench.add_argument("--json", default=None, help="write the results as JSON here")
     bench.add_argument("--markdown", default=None, help="write the results as a markdown table here")
     return parser.parse_args(argv)
@@ -38,20 +49,44 @@ def main(argv=None) -> int:
     if args.command == "bench":
         from rich.console import Console
 
-        from fastcnn.bench import runner
-
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
         console = Console() if sys.stdout.isatty() else Console(width=160)
-        limits, rows = runner.run(device, dtype, ops=args.ops, backends=args.backends, quick=args.quick,
-                                  console=console, layers=args.layers, nets=args.nets, backward=args.backward,
-                                  with_compile=args.compile, channels_last=not args.nchw)
-        console.print(runner.table(rows, limits))
-        for line in runner.summary_lines(rows):
-            console.print(line, markup=False)
-        runner.save(rows, limits, device, args.json, args.markdown)
-        return 0 if all(r.matches_eager for r in rows) else 1
+        if args.layers or args.kernels or args.ops:
+            return bench_ops(args, device, dtype, console)
+        return bench_networks(args, device, dtype, console)
     return 2
+
+
+def bench_networks(args, device, dtype, console) -> int:
+    from fastcnn.bench import networks, runner
+
+    backends = args.backends or runner.benchmark_backends(device)
+    console.print(f"[bold]fastcnn bench[/bold]: networks on {runner.describe(device)}; backends: "
+                  f"{', '.join(backends)}; dtype {dtype}")
+    rows = networks.run(device, dtype, nets=args.nets, batches=args.batch,
+                        modes=[args.mode] if args.mode else None, backends=backends,
+                        with_compile=not args.no_compile, console=console)
+    console.print(networks.table(rows, f"images per second: fastcnn vs eager PyTorch and torch.compile, {dtype}"))
+    for line in networks.summary_lines(rows):
+        console.print(line, markup=False)
+    networks.save(rows, runner.describe(device), args.json, args.markdown)
+    if args.plot:
+        networks.plot(rows, args.plot, runner.describe(device))
+    return 0 if all(r.matches_eager for r in rows) else 1
+
+
+def bench_ops(args, device, dtype, console) -> int:
+    from fastcnn.bench import runner
+
+    limits, rows = runner.run(device, dtype, ops=args.ops, backends=args.backends, quick=args.quick,
+                              console=console, layers=args.layers, nets=args.nets, backward=args.backward,
+                              with_compile=args.compile, channels_last=not args.nchw)
+    console.print(runner.table(rows, limits))
+    for line in runner.summary_lines(rows):
+        console.print(line, markup=False)
+    runner.save(rows, limits, device, args.json, args.markdown)
+    return 0 if all(r.matches_eager for r in rows) else 1
 
 
 if __name__ == "__main__":
