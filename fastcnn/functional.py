@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 import fastcnn.ops  # noqa: F401  (registers torch.ops.fastcnn.*)
+from fastcnn.ops import direct
 from fastcnn.ops.checks import check_tensor
 from fastcnn.ops.pool_geometry import pool_params
 
@@ -18,14 +19,14 @@ def add_act(a: Tensor, b: Tensor, act: str | None = "relu") -> Tensor:
     """Residual add, then `act` (None or "relu"): act(a + b) in one pass."""
     from fastcnn.ops.add_act import check_add_act
     check_add_act(a, b, act)
-    return torch.ops.fastcnn.add_act(a, b, act)
+    return direct.call("fastcnn::add_act", a, b, act)
 
 
 def bias_act(x: Tensor, bias: Tensor, act: str | None = "relu") -> Tensor:
     """Per-channel bias (along dim 1), then `act` (None, "relu", "tanh" or "sigmoid")."""
     from fastcnn.ops.bias_act import check_bias_act
     check_bias_act(x, bias, act)
-    return torch.ops.fastcnn.bias_act(x, bias, act)
+    return direct.call("fastcnn::bias_act", x, bias, act)
 
 
 def _batched(input: Tensor) -> tuple[Tensor, bool]:
@@ -44,7 +45,7 @@ def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, c
     if torch.is_grad_enabled() and x.requires_grad:
         out, _ = torch.ops.fastcnn.max_pool2d(x, *window)
     else:
-        out = torch.ops.fastcnn.max_pool2d_no_indices(x, *window)
+        out = direct.call("fastcnn::max_pool2d_no_indices", x, *window)
     return out.squeeze(0) if unbatched else out
 
 
@@ -55,7 +56,7 @@ def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bo
     p = pool_params(x, kernel_size, stride, padding, 1, ceil_mode)
     if not isinstance(count_include_pad, bool):
         raise TypeError(f"count_include_pad must be a bool, got {count_include_pad!r}")
-    out = torch.ops.fastcnn.avg_pool2d(x, list(p.kernel), list(p.stride), list(p.padding), p.ceil_mode,
+    out = direct.call("fastcnn::avg_pool2d", x, list(p.kernel), list(p.stride), list(p.padding), p.ceil_mode,
                                        count_include_pad)
     return out.squeeze(0) if unbatched else out
 
@@ -63,7 +64,7 @@ def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bo
 def global_avg_pool2d(input: Tensor) -> Tensor:
     """Mean over H and W: torch.nn.functional.adaptive_avg_pool2d(input, 1)."""
     x, unbatched = _batched(input)
-    out = torch.ops.fastcnn.global_avg_pool2d(x)
+    out = direct.call("fastcnn::global_avg_pool2d", x)
     return out.squeeze(0) if unbatched else out
 
 
@@ -88,7 +89,7 @@ def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, 
     params = check_conv2d(x, weight, bias, residual, stride, padding, dilation, groups, act)
     args = (x, weight, bias, residual, *params.as_lists(), act)
     if out is None:
-        y = torch.ops.fastcnn.conv2d(*args)
+        y = direct.call("fastcnn::conv2d", *args)
     else:
         target = check_conv2d_into(out, channel_offset, x, weight, params)
         # conv2d_into has no autograd: it may only run when no gradient passes through.
@@ -97,7 +98,7 @@ def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, 
         if grad_needed:
             target.copy_(torch.ops.fastcnn.conv2d(*args))
         else:
-            torch.ops.fastcnn.conv2d_into(out, channel_offset, *args)
+            direct.call("fastcnn::conv2d_into", out, channel_offset, *args)
         y = target
     return y.squeeze(0) if unbatched else y
 
@@ -125,7 +126,7 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, act: st
     """act(torch.nn.functional.linear(input, weight, bias)) as one GEMM with its epilogue fused."""
     from fastcnn.ops.linear import check_linear
     check_linear(input, weight, bias, act)
-    return torch.ops.fastcnn.linear(input, weight, bias, act)
+    return direct.call("fastcnn::linear", input, weight, bias, act)
 
 
 def local_response_norm(input: Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> Tensor:
@@ -137,5 +138,5 @@ def local_response_norm(input: Tensor, size: int, alpha: float = 1e-4, beta: flo
     if input.dim() < 3:
         raise ValueError(f"input must have 3 or more dimensions (N, C, *), got shape {tuple(input.shape)}")
     x = input.unsqueeze(-1) if input.dim() == 3 else input.flatten(3) if input.dim() > 4 else input
-    out = torch.ops.fastcnn.local_response_norm(x, size, alpha, beta, k)
+    out = direct.call("fastcnn::local_response_norm", x, size, alpha, beta, k)
     return out.reshape(input.shape) if input.dim() != 4 else out

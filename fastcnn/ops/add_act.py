@@ -17,6 +17,7 @@ from fastcnn.ops.checks import check_act, check_matches, check_tensor
 from fastcnn.ops.launch import backend_table
 from fastcnn.ops.layout import dense_in, memory_format_of, new_like
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
+from fastcnn.ops import direct
 
 ACTS = (None, "relu")
 
@@ -63,7 +64,7 @@ def _run(launch, like: Tensor, x: Tensor, y: Tensor, act) -> Tensor:
     return result
 
 
-@torch.library.custom_op("fastcnn::add_act", mutates_args=())
+@direct.custom_op("fastcnn::add_act", mutates_args=())
 def add_act(a: Tensor, b: Tensor, act: Optional[str] = "relu") -> Tensor:
     check_add_act(a, b, act)
     return _run(FORWARD[backends.resolve(a.device)], a, a, b, act)

@@ -20,6 +20,7 @@ from fastcnn.ops.launch import backend_table
 from fastcnn.ops.layout import dense_in, memory_format_of, new_like
 from fastcnn.ops.pool_geometry import PoolParams, geometry, pool_params
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
+from fastcnn.ops import direct
 
 _ARGS = "int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode, bool count_include_pad"
 FORWARD_SCHEMA = f"(Tensor input, {_ARGS}) -> Tensor"
@@ -73,7 +74,7 @@ def _forward(launch, input, kernel_size, stride, padding, ceil_mode, count_inclu
     return out
 
 
-@torch.library.custom_op("fastcnn::avg_pool2d", mutates_args=(), schema=FORWARD_SCHEMA)
+@direct.custom_op("fastcnn::avg_pool2d", mutates_args=(), schema=FORWARD_SCHEMA)
 def avg_pool2d(input: Tensor, kernel_size: List[int], stride: List[int], padding: List[int], ceil_mode: bool,
                count_include_pad: bool) -> Tensor:
     return _forward(FORWARD[backends.resolve(input.device)], input, kernel_size, stride, padding, ceil_mode,

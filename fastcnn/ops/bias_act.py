@@ -25,6 +25,7 @@ from fastcnn.ops.checks import check_act, check_matches, check_tensor
 from fastcnn.ops.launch import backend_table
 from fastcnn.ops.layout import dense_in, memory_format_of, new_like
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
+from fastcnn.ops import direct
 
 ACTS = (None, "relu", "tanh", "sigmoid")
 
@@ -93,7 +94,7 @@ def _run_forward(launch, x: Tensor, bias: Tensor, act) -> Tensor:
     return out
 
 
-@torch.library.custom_op("fastcnn::bias_act", mutates_args=())
+@direct.custom_op("fastcnn::bias_act", mutates_args=())
 def bias_act(x: Tensor, bias: Tensor, act: Optional[str] = "relu") -> Tensor:
     check_bias_act(x, bias, act)
     return _run_forward(FORWARD[backends.resolve(x.device)], x, bias, act)

@@ -35,6 +35,7 @@ from fastcnn.ops.conv_geometry import ConvParams, conv_params, geometry
 from fastcnn.ops.launch import backend_table
 from fastcnn.ops.layout import new_like
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
+from fastcnn.ops import direct
 
 ACTS = (None, "relu", "tanh", "sigmoid")
 
@@ -140,7 +141,7 @@ def _run_forward(launch, input, weight, bias, residual, stride, padding, dilatio
     return out
 
 
-@torch.library.custom_op("fastcnn::conv2d", mutates_args=())
+@direct.custom_op("fastcnn::conv2d", mutates_args=())
 def conv2d(input: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], stride: list[int],
            padding: list[int], dilation: list[int], groups: int, act: Optional[str]) -> Tensor:
     return _run_forward(FORWARD[backends.resolve(input.device)], input, weight, bias, residual, stride, padding,
@@ -175,7 +176,7 @@ def check_conv2d_into(out, channel_offset, input, weight, params: ConvParams) ->
     return out.narrow(1, channel_offset, k)
 
 
-@torch.library.custom_op("fastcnn::conv2d_into", mutates_args=("out",))
+@direct.custom_op("fastcnn::conv2d_into", mutates_args=("out",))
 def conv2d_into(out: Tensor, channel_offset: int, input: Tensor, weight: Tensor, bias: Optional[Tensor],
                 residual: Optional[Tensor], stride: list[int], padding: list[int], dilation: list[int],
                 groups: int, act: Optional[str]) -> None:

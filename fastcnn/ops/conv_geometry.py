@@ -62,10 +62,32 @@ def _padding(padding, kernel: tuple[int, int], stride, dilation) -> tuple[tuple[
     return pad, pad
 
 
+# A layer calls with the same arguments every time: checked once, remembered (the
+# key holds the arguments' reprs, so True and 1 stay apart).
+_CHECKED: dict[tuple, ConvParams] = {}
+_CHECKED_MAX = 4096
+
+
 def conv_params(input: torch.Tensor, weight: torch.Tensor, stride=1, padding=0, dilation=1,
                 groups: int = 1) -> ConvParams:
     """Checks a convolution's arguments against input (N, C, H, W) and weight
     (C_out, C / groups, KH, KW) and returns them normalised."""
+    try:
+        key = (tuple(input.shape[1:]), tuple(weight.shape), repr(stride), repr(padding), repr(dilation),
+               repr(groups))
+        hash(key)
+    except TypeError:  # symbolic sizes while torch.compile traces
+        return _checked_conv_params(input, weight, stride, padding, dilation, groups)
+    params = _CHECKED.get(key)
+    if params is None:
+        params = _checked_conv_params(input, weight, stride, padding, dilation, groups)
+        if len(_CHECKED) >= _CHECKED_MAX:
+            _CHECKED.clear()
+        _CHECKED[key] = params
+    return params
+
+
+def _checked_conv_params(input, weight, stride, padding, dilation, groups) -> ConvParams:
     stride = pair("stride", stride)
     dilation = pair("dilation", dilation)
     if min(stride) <= 0:

@@ -17,6 +17,7 @@ from fastcnn.ops.checks import check_matches, check_tensor
 from fastcnn.ops.launch import backend_table
 from fastcnn.ops.layout import dense_in, memory_format_of, new_like
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
+from fastcnn.ops import direct
 
 
 def check_global_avg_pool2d(input) -> None:
@@ -67,7 +68,7 @@ def _forward(launch, input: Tensor) -> Tensor:
     return out
 
 
-@torch.library.custom_op("fastcnn::global_avg_pool2d", mutates_args=())
+@direct.custom_op("fastcnn::global_avg_pool2d", mutates_args=())
 def global_avg_pool2d(input: Tensor) -> Tensor:
     return _forward(FORWARD[backends.resolve(input.device)], input)
 

@@ -26,6 +26,7 @@ from fastcnn.ops.checks import check_act, check_layer_bias, check_matches, check
 from fastcnn.ops.conv2d import acc_dtype, pre_activation_grad, torch_act
 from fastcnn.ops.launch import backend_table
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
+from fastcnn.ops import direct
 
 ACTS = (None, "relu", "tanh", "sigmoid")
 
@@ -91,7 +92,7 @@ def _run_forward(launch, input, weight, bias, act) -> Tensor:
     return out
 
 
-@torch.library.custom_op("fastcnn::linear", mutates_args=())
+@direct.custom_op("fastcnn::linear", mutates_args=())
 def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor], act: Optional[str]) -> Tensor:
     return _run_forward(FORWARD[backends.resolve(input.device)], input, weight, bias, act)
 

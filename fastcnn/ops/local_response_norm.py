@@ -25,6 +25,7 @@ from fastcnn.ops.checks import check_matches, check_tensor
 from fastcnn.ops.launch import backend_table
 from fastcnn.ops.layout import dense_in, memory_format_of, new_like
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
+from fastcnn.ops import direct
 
 
 def check_lrn_params(size, alpha, beta, k) -> None:
@@ -98,7 +99,7 @@ def _forward(launch, input: Tensor, size, alpha, beta, k) -> Tensor:
     return out
 
 
-@torch.library.custom_op("fastcnn::local_response_norm", mutates_args=())
+@direct.custom_op("fastcnn::local_response_norm", mutates_args=())
 def local_response_norm(input: Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75,
                         k: float = 1.0) -> Tensor:
     return _forward(FORWARD[backends.resolve(input.device)], input, size, alpha, beta, k)

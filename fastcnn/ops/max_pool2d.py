@@ -25,6 +25,7 @@ from fastcnn.ops.launch import backend_table
 from fastcnn.ops.layout import dense_in, memory_format_of, new_like
 from fastcnn.ops.pool_geometry import PoolParams, geometry, pool_params
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
+from fastcnn.ops import direct
 
 _WINDOW = "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode"
 FORWARD_SCHEMA = f"(Tensor input, {_WINDOW}) -> (Tensor, Tensor)"
@@ -101,7 +102,7 @@ def _(input, kernel_size, stride, padding, dilation, ceil_mode):
 
 # --- inference: the output alone, from the same launchers
 
-@torch.library.custom_op("fastcnn::max_pool2d_no_indices", mutates_args=(), schema=NO_INDICES_SCHEMA)
+@direct.custom_op("fastcnn::max_pool2d_no_indices", mutates_args=(), schema=NO_INDICES_SCHEMA)
 def max_pool2d_no_indices(input, kernel_size, stride, padding, dilation, ceil_mode):
     params = check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
     out = new_like(input, _output_shape(input, params))

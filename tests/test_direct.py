@@ -1,0 +1,54 @@
+"""fastcnn.ops.direct: eager calls that need no autograd, tracing or mode run the
+op's body without the dispatcher; everything else goes through the op."""
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastcnn import functional as F
+from fastcnn.ops import direct
+from conftest import dispatched_ops
+
+
+def test_plain_inference_calls_skip_the_dispatcher():
+    x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    assert not direct.dispatcher_needed((x, w, None))
+    with torch.no_grad():
+        assert not direct.dispatcher_needed((x, w.requires_grad_(), None))
+    assert not direct.dispatcher_needed((x, torch.nn.Parameter(w, requires_grad=False)))
+
+
+def test_everything_else_goes_through_the_op():
+    x = torch.randn(2, 3, 8, 8)
+    assert direct.dispatcher_needed((x, torch.randn(3, requires_grad=True)))  # autograd
+    assert direct.dispatcher_needed((torch.empty(2, 3, device="meta"),))  # meta tensors: the fake runs
+    with torch.device("cpu"):  # a TorchFunctionMode
+        assert direct.dispatcher_needed((x,))
+
+    class Mode(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with Mode():
+        assert direct.dispatcher_needed((x,))
+    with torch.autograd.profiler.profile():
+        assert direct.dispatcher_needed((x,))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+    assert direct.dispatcher_needed((fake,))
+    seen = []
+    torch.vmap(lambda t: seen.append(direct.dispatcher_needed((t,))) or t)(x)
+    assert seen == [True]
+
+
+def test_direct_and_dispatched_calls_agree_and_ops_stay_visible():
+    x, w, b = torch.randn(2, 3, 9, 9), torch.randn(4, 3, 3, 3), torch.randn(4)
+    with torch.no_grad():
+        direct_out = F.conv2d(x, w, b, padding=1, act="relu")
+    dispatched_out, ops = dispatched_ops(lambda: F.conv2d(x, w, b, padding=1, act="relu"))
+    assert ops == ["fastcnn.conv2d"]  # under a dispatch mode the op shows up as one call
+    assert torch.equal(direct_out, dispatched_out)
+    out = torch.randn(2, 10, 9, 9)
+    with torch.no_grad():
+        F.conv2d(x, w, b, padding=1, act="relu", out=out, channel_offset=6)
+    assert torch.equal(out[:, 6:], direct_out)
