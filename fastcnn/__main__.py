@@ -1,4 +1,5 @@
-"""Command line: `python -m fastcnn bench` (also the `fastcnn` console script)."""
+"""Command line: `python -m fastcnn bench` and `python -m fastcnn summary` (also the
+`fastcnn` console script)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,18 @@ def parse_args(argv):
                        help="with --kernels or --layers: also time torch.compile of the eager code (slow)")
     bench.add_argument("--json", default=None, help="write the results as JSON here")
     bench.add_argument("--markdown", default=None, help="write the results as a markdown table here")
+    summary = sub.add_parser("summary", help="per-layer shapes, parameters, multiply-adds and bytes of a model, "
+                                            "and its layers on this machine's roofline (--roofline)")
+    summary.add_argument("model", help="a registered model (fastcnn.models.list_models()) or module:attr, the "
+                                       "attr a torch.nn.Module or a callable returning one")
+    summary.add_argument("--input", default="1,3,224,224", help="input size N,C,H,W (default 1,3,224,224)")
+    summary.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="the dtype bytes are counted in")
+    summary.add_argument("--roofline", default=None,
+                         help="also measure this machine's ceilings, print each conv/FC layer's bound and time "
+                              "floor, and write a roofline plot here (PNG)")
+    summary.add_argument("--device", default=None, help="with --roofline: cpu or cuda (default: cuda when present)")
+    summary.add_argument("--time", action="store_true",
+                         help="with --roofline: run the model on the device and time each layer against its floor")
     return parser.parse_args(argv)
 
 
@@ -55,6 +68,8 @@ def main(argv=None) -> int:
         if args.layers or args.kernels or args.ops:
             return bench_ops(args, device, dtype, console)
         return bench_networks(args, device, dtype, console)
+    if args.command == "summary":
+        return summarize(args)
     return 2
 
 
@@ -87,6 +102,52 @@ def bench_ops(args, device, dtype, console) -> int:
         console.print(line, markup=False)
     runner.save(rows, limits, device, args.json, args.markdown)
     return 0 if all(r.matches_eager for r in rows) else 1
+
+
+def load_model(spec: str, device: str | None = None) -> torch.nn.Module:
+    """A registered model's name (built on `device`: "meta" allocates no weights), or
+    module:attr (a Module, or a callable building one)."""
+    import importlib
+
+    from fastcnn import models
+    if ":" not in spec:
+        if device is None:
+            return models.get_model(spec)
+        with torch.device(device):
+            return models.get_model(spec)
+    module_name, attr = spec.split(":", 1)
+    obj = getattr(importlib.import_module(module_name), attr)
+    model = obj if isinstance(obj, torch.nn.Module) else obj()
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{spec} gives a {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def summarize(args) -> int:
+    from fastcnn.cost import roofline, tracing
+
+    try:
+        size = [int(v) for v in args.input.split(",")]
+    except ValueError:
+        raise SystemExit(f"fastcnn summary: --input must be comma-separated ints such as 1,3,224,224, "
+                         f"got {args.input!r}") from None
+    model = load_model(args.model, None if args.time else "meta")
+    dtype = DTYPES[args.dtype]
+    try:
+        result = tracing.summary(model, size, dtype, print_table=True)
+    except ValueError as e:
+        print(f"fastcnn summary: {e}", file=sys.stderr)
+        return 2
+    if args.roofline:
+        from fastcnn.bench.ceilings import measure
+
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        limits = measure(device, quick=True, dtype=dtype)
+        measured = roofline.measure_layer_ms(model, size, dtype, device) if args.time else None
+        tracing.wide_console().print(roofline.table(result, limits, measured))
+        roofline.plot(result, limits, args.roofline, measured_ms=measured)
+        print(f"roofline plot written to {args.roofline}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -57,3 +57,18 @@ def test_summary_against_compile():
 def test_cli_layers_arguments():
     args = cli.parse_args(["bench", "--layers", "--nets", "lenet5", "--backward", "--compile"])
     assert args.layers and args.nets == ["lenet5"] and args.backward and args.compile and not args.nchw
+
+
+def test_floor_columns_for_compute_bound_rows():
+    row = runner.run_case(conv_case(SMALL_CONV), "torch", torch.float32, torch.device("cpu"), LIMITS, quick=True)
+    nbytes = row.gbps * row.ms * 1e6
+    flops = row.tflops * row.ms * 1e9
+    floor = max(flops / 1e8, nbytes / 1e7)  # LIMITS: 0.1 TFLOP/s, 10 GB/s
+    assert abs(row.floor_ms - floor) <= 1e-9 * floor
+    assert row.bound == ("compute" if flops / 1e8 >= nbytes / 1e7 else "memory")
+    memory_row = runner.Row("add_act", "c", "s", "float32", "cpu", 1.0, 1.0, 1.0, 5.0, 0.5, True)
+    assert memory_row.floor_ms is None and runner.floor_texts(memory_row) == ("", "")
+    text = runner.markdown([row, memory_row], LIMITS, torch.device("cpu"))
+    assert "| floor ms | of floor |" in text
+    assert f"| {row.floor_ms:.3f} ({row.bound}) | {100 * row.floor_ms / row.ms:.0f}% |" in text
+    assert runner.table([row], LIMITS).columns[-3].header == "floor ms"

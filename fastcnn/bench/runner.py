@@ -20,6 +20,7 @@ from fastcnn.backends import available_backends, triton_interpreting
 from fastcnn.bench import ceilings as ceilings_mod
 from fastcnn.bench.cases import Case, cases
 from fastcnn.bench.timing import time_ms
+from fastcnn.cost import roofline
 
 
 @dataclass
@@ -38,6 +39,9 @@ class Row:
     tflops: float = 0.0  # compute-bound ops (conv, linear) only
     fraction_of_matmul: float = 0.0
     compile_ms: float | None = None  # torch.compile of the eager code, when asked for
+    # Compute-bound ops: the roofline's time floor from the ceilings (fastcnn.cost.roofline).
+    floor_ms: float | None = None
+    bound: str | None = None  # "compute" or "memory": which ceiling sets floor_ms
 
     @property
     def compute_bound(self) -> bool:
@@ -82,11 +86,14 @@ def run_case(case: Case, backend: str, dtype: torch.dtype, device: torch.device,
     else:
         tol_abs = tol
     matches = bool(torch.allclose(got.float(), expected.float(), rtol=tol, atol=tol_abs, equal_nan=True))
-    gbps = case.bytes_moved(inputs, got) / ms / 1e6
+    nbytes = case.bytes_moved(inputs, got)
+    gbps = nbytes / ms / 1e6
     tflops = case.flops / ms / 1e9
+    floor_ms, bound = ((roofline.time_floor_ms(case.flops, nbytes, limits), roofline.bound(case.flops, nbytes, limits))
+                       if case.compute_bound else (None, None))
     return Row(case.op, case.label, "x".join(map(str, case.shape)), str(dtype).removeprefix("torch."), backend,
                ms, eager_ms, eager_ms / ms, gbps, gbps / limits.copy_gbps, matches, tflops,
-               tflops / limits.matmul_tflops, compile_ms)
+               tflops / limits.matmul_tflops, compile_ms, floor_ms, bound)
 
 
 def layer_set_cases(device: torch.device, nets: list[str] | None, backward: bool, channels_last: bool) -> list[Case]:
@@ -137,6 +144,15 @@ def _compile_text(r: Row) -> str:
     return "" if r.compile_ms is None else f"{r.compile_ms:.3f}"
 
 
+def floor_texts(r: Row) -> tuple[str, str]:
+    """(the roofline's time floor and its bound, the floor as a fraction of the
+    measured time: 100% runs at the floor); empty for ops without multiply-adds
+    (pools, elementwise), whose "of ceiling" already says it."""
+    if r.floor_ms is None:
+        return "", ""
+    return f"{r.floor_ms:.3f} ({r.bound})", f"{100 * r.floor_ms / r.ms:.0f}%"
+
+
 def _geomean(values: list[float]) -> float:
     return math.exp(sum(map(math.log, values)) / len(values))
 
@@ -153,14 +169,15 @@ def table(rows: list[Row], limits) -> Table:
     t = Table(title=f"fastcnn vs eager PyTorch (copy {limits.copy_gbps:.0f} GB/s, "
                     f"matmul {limits.matmul_tflops:.2f} TFLOP/s)")
     with_compile = any(r.compile_ms is not None for r in rows)
+    with_floor = any(r.floor_ms is not None for r in rows)
     columns = ["op", "case", "shape", "backend", "ms", "eager ms", *(["compile ms"] if with_compile else []),
-               "speedup", "achieved", "of ceiling", "ok"]
+               "speedup", "achieved", "of ceiling", *(["floor ms", "of floor"] if with_floor else []), "ok"]
     for col in columns:
         t.add_column(col, justify="right" if col not in ("op", "case", "backend") else "left")
     for r in rows:
         t.add_row(r.op, r.case, r.shape, r.backend, f"{r.ms:.3f}", f"{r.eager_ms:.3f}",
                   *([_compile_text(r)] if with_compile else []), f"{r.speedup:.2f}x", *achieved(r),
-                  "yes" if r.matches_eager else "NO")
+                  *(floor_texts(r) if with_floor else []), "yes" if r.matches_eager else "NO")
     return t
 
 
@@ -179,17 +196,20 @@ def summary_lines(rows: list[Row]) -> list[str]:
 
 def markdown(rows: list[Row], limits, device: torch.device) -> str:
     with_compile = any(r.compile_ms is not None for r in rows)
+    with_floor = any(r.floor_ms is not None for r in rows)
     lines = [f"Device: {describe(device)}; torch {torch.__version__}; measured copy {limits.copy_gbps:.1f} GB/s, "
              f"{limits.matmul_dtype} matmul {limits.matmul_tflops:.2f} TFLOP/s", "",
              "| op | case | shape | dtype | backend | ms | eager ms |" + (" compile ms |" if with_compile else "")
-             + " speedup | achieved | of ceiling | matches eager |",
+             + " speedup | achieved | of ceiling |" + (" floor ms | of floor |" if with_floor else "")
+             + " matches eager |",
              "| --- | --- | --- | --- | --- | ---: | ---: |" + (" ---: |" if with_compile else "")
-             + " ---: | ---: | ---: | --- |"]
+             + " ---: | ---: | ---: |" + (" ---: | ---: |" if with_floor else "") + " --- |"]
     for r in rows:
         rate, fraction = achieved(r)
         lines.append(f"| {r.op} | {r.case} | {r.shape} | {r.dtype} | {r.backend} | {r.ms:.3f} | {r.eager_ms:.3f} | "
                      + (f"{_compile_text(r)} | " if with_compile else "")
-                     + f"{r.speedup:.2f}x | {rate} | {fraction} | {r.matches_eager} |")
+                     + f"{r.speedup:.2f}x | {rate} | {fraction} | "
+                     + ("{} | {} | ".format(*floor_texts(r)) if with_floor else "") + f"{r.matches_eager} |")
     summary = summary_lines(rows)
     if summary:
         lines += ["", *[f"- {line}" for line in summary]]
