@@ -327,7 +327,9 @@ with fastcnn.use_backend("cpu"):
     # A linear weight gradient: a reduction over all 5336 pixels.
     g2, x2 = grad.permute(0, 2, 3, 1).reshape(-1, 24), x.permute(0, 2, 3, 1).reshape(-1, 16)
     lw = torch.ops.fastcnn.linear(g2.t(), x2.t(), None, None)
-print(hashlib.sha256(gw.numpy().tobytes()).hexdigest(), hashlib.sha256(lw.numpy().tobytes()).hexdigest())
+    # Batch-1 FC inference (the matrix-vector path): 4099 outputs over both threads.
+    fc = torch.ops.fastcnn.linear(torch.randn(1, 1001), torch.randn(4099, 1001), torch.randn(4099), "relu")
+print(*(hashlib.sha256(t.numpy().tobytes()).hexdigest() for t in (gw, lw, fc)))
 """
 
 

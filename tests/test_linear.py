@@ -55,6 +55,20 @@ def test_forward_backward(backend_device, shape, out_features, act):
     check(*make(shape, out_features, torch.float32, device), act)
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("in_features, out_features", [(1, 1), (7, 3), (8, 4), (9, 5), (33, 17), (300, 10)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_small_batch_inference(backend_device, rows, in_features, out_features, dtype):
+    """Batches of up to four rows take the CPU's matrix-vector path (one more row
+    does not): every tail of k (vectors of 8 or 4) and of n (blocks of 4 rows)."""
+    _, device = backend_device
+    for act, bias in ((None, False), ("relu", True), ("tanh", True)):
+        x, w, b = make((rows, in_features), out_features, dtype, device, bias=bias, requires_grad=False)
+        expected = TORCH_ACTS[act](torch.nn.functional.linear(x.double(), w.double(),
+                                                              None if b is None else b.double()))
+        assert_close(F.linear(x, w, b, act=act), expected.to(dtype), scale=reduction_scale(in_features))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_dtypes(backend_device, dtype, bias):

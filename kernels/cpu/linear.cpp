@@ -2,6 +2,9 @@
 // The core packs its B operand once per call, so the smaller of the two operands
 // plays B: for a batch smaller than the layer width (FC inference) the GEMM runs
 // transposed, out^T = b * a^T, and the large weight is read in place, once.
+// A batch of at most four rows (batch-1 inference) takes a matrix-vector path
+// instead: the 6x16 micro-kernel would pad those rows to 16 and do 4-16x the
+// multiply-adds, while streaming the weight once is all the layer needs.
 #include "linear.h"
 
 #include "fastcnn/dispatch.h"
@@ -65,6 +68,72 @@ struct Linear {
   }
 };
 
+constexpr int64_t kMaxGemvRows = 4;
+
+// out[m][n] = act(sum_k x[m][k] w[n][k] + bias[n]) for MB rows of x and weight rows
+// [n0, n1), both contiguous in k; four weight rows at a time share each x load.
+template <class F, int MB>
+FASTCNN_ALWAYS_INLINE void gemv_rows(const F* x, int64_t xm, const F* w, int64_t wn, const F* bias, F* out,
+                                     int64_t om, int64_t on, int64_t K, int64_t n0, int64_t n1, Act act) {
+  using V = typename gemm::Vec<F>::type;
+  constexpr int64_t L = sizeof(V) / sizeof(F);
+  constexpr int NB = 4;
+  for (int64_t n = n0; n < n1; n += NB) {
+    const int nb = int(std::min<int64_t>(NB, n1 - n));
+    V acc[MB][NB] = {};
+    int64_t k = 0;
+    if (nb == NB) {
+      for (; k + L <= K; k += L) {
+        V xv[MB], wv[NB];
+        for (int m = 0; m < MB; ++m) gemm::vload(xv[m], x + m * xm + k);
+        for (int j = 0; j < NB; ++j) gemm::vload(wv[j], w + (n + j) * wn + k);
+        for (int m = 0; m < MB; ++m)
+          for (int j = 0; j < NB; ++j) acc[m][j] += xv[m] * wv[j];
+      }
+    }
+    for (int j = 0; j < nb; ++j) {
+      for (int m = 0; m < MB; ++m) {
+        F sum = 0;
+        for (int64_t l = 0; l < L; ++l) sum += acc[m][j][l];
+        for (int64_t kk = k; kk < K; ++kk) sum += x[m * xm + kk] * w[(n + j) * wn + kk];
+        if (bias != nullptr) sum += bias[n + j];
+        out[m * om + (n + j) * on] = apply_act(sum, act);
+      }
+    }
+  }
+}
+
+template <class F>
+FASTCNN_ALWAYS_INLINE void gemv_body(const F* x, int64_t xm, int64_t M, const F* w, int64_t wn, const F* bias,
+                                     F* out, int64_t om, int64_t on, int64_t K, int64_t n0, int64_t n1, Act act) {
+  switch (M) {
+    case 1: gemv_rows<F, 1>(x, xm, w, wn, bias, out, om, on, K, n0, n1, act); break;
+    case 2: gemv_rows<F, 2>(x, xm, w, wn, bias, out, om, on, K, n0, n1, act); break;
+    case 3: gemv_rows<F, 3>(x, xm, w, wn, bias, out, om, on, K, n0, n1, act); break;
+    default: gemv_rows<F, 4>(x, xm, w, wn, bias, out, om, on, K, n0, n1, act); break;
+  }
+}
+FASTCNN_ISA_VARIANTS(linear_gemv, gemv_body)
+
+// The matrix-vector path, if it applies: full-precision types, a few rows, both
+// operands contiguous along k (a weight in nn.Linear's layout; not the transposed
+// views the backward passes).
+template <class T>
+bool try_gemv(const T* a, int64_t am, int64_t ak, const T* b, int64_t bn, int64_t bk, const T* bias, T* out,
+              int64_t om, int64_t on, int64_t M, int64_t N, int64_t K, Act act) {
+  if constexpr (!std::is_same_v<T, acc_t<T>>) {
+    return false;
+  } else {
+    if (M > kMaxGemvRows || ak != 1 || bk != 1) return false;
+    // Blocks of four weight rows; each thread streams a contiguous range of them.
+    parallel_for((N + 3) / 4, 16, [&](int64_t begin, int64_t end) {
+      FASTCNN_ISA_CALL(linear_gemv, T, a, am, M, b, bn, bias, out, om, on, K, begin * 4,
+                       std::min<int64_t>(N, end * 4), act);
+    });
+    return true;
+  }
+}
+
 }  // namespace
 
 void linear(const void* a, int64_t a_stride_m, int64_t a_stride_k, const void* b, int64_t b_stride_n,
@@ -72,6 +141,10 @@ void linear(const void* a, int64_t a_stride_m, int64_t a_stride_k, const void* b
             int64_t M, int64_t N, int64_t K, int dtype, int act) {
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
+    if (try_gemv(static_cast<const T*>(a), a_stride_m, a_stride_k, static_cast<const T*>(b), b_stride_n,
+                 b_stride_k, static_cast<const T*>(bias), static_cast<T*>(out), out_stride_m, out_stride_n, M, N,
+                 K, Act(act)))
+      return;
     Linear<T> p{};
     p.groups = 1;
     p.K = K;
