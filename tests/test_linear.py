@@ -69,6 +69,20 @@ def test_small_batch_inference(backend_device, rows, in_features, out_features, 
         assert_close(F.linear(x, w, b, act=act), expected.to(dtype), scale=reduction_scale(in_features))
 
 
+@pytest.mark.parametrize("act", ["tanh", "sigmoid"])
+def test_epilogue_activation_over_the_float_range(backend_device, act):
+    """tanh and sigmoid in the epilogue (the CPU evaluates them 8 lanes at a time
+    with its own exp) across [-100, 100] and at the edges: the polynomial's switch
+    at 0.625, the exp clamps near 88, zeros, infinities and NaN."""
+    _, device = backend_device
+    edges = [0.0, -0.0, 1e-30, -1e-30, 1e-8, 0.624999, 0.625, 0.625001, 44.0, 87.5, 88.0, 89.0, 1e4, -1e4,
+             float("inf"), float("-inf"), float("nan")]
+    v = torch.cat([torch.linspace(-100, 100, 20001), torch.tensor(edges)]).to(device)
+    got = F.linear(v.view(-1, 1), torch.ones(1, 1, device=device), None, act=act).view(-1)
+    expected = TORCH_ACTS[act](v.double()).float()
+    assert_close(got, expected, equal_nan=True)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("bias", [True, False])
 def test_dtypes(backend_device, dtype, bias):

@@ -150,29 +150,32 @@ def first_result(fn):
     return fn()
 
 
-def _repeats(batch: int, net: str, device: torch.device) -> tuple[int, int]:
-    """(warmup, repeats): fewer for the calls that take long on a CPU."""
-    heavy = device.type == "cpu" and net != "lenet5" and batch > 1
-    return (1, 3) if heavy else (2, 7)
+def _time_ms(fn, device: torch.device) -> float:
+    """Median ms per call, with as many repeats as fit in about a second (3 to 200):
+    a batch-1 LeNet-5 call takes ~0.3 ms on a CPU and needs many samples to settle,
+    a batch-8 VGG-16 call takes seconds."""
+    first = time_ms(fn, device, warmup=1, repeats=1)
+    repeats = int(min(200, max(3, 1000.0 / max(first, 1e-3))))
+    return time_ms(fn, device, warmup=2 if first < 100 else 0, repeats=repeats)
 
 
 def run_network(net: str, mode: str, batch: int, dtype: torch.dtype, device: torch.device, backend: str,
                 with_compile: bool) -> NetRow:
     w = workload(net, mode, batch, dtype, device)
-    warmup, repeats = _repeats(batch, net, device)
     eager = {layout: contender(w, "eager", channels_last=layout == "channels_last")
              for layout in ("nchw", "channels_last")}
     expected = first_result(eager["nchw"])
-    eager_ms = {layout: time_ms(fn, device, warmup=warmup, repeats=repeats) for layout, fn in eager.items()}
+    eager_ms = {layout: _time_ms(fn, device) for layout, fn in eager.items()}
     eager_layout = min(eager_ms, key=eager_ms.get)
     compile_ms = None
     if with_compile:
         compiled = contender(w, "compile", channels_last=eager_layout == "channels_last")
-        compile_ms = time_ms(compiled, device, warmup=2, repeats=repeats)
+        time_ms(compiled, device, warmup=1, repeats=1)  # compiles
+        compile_ms = _time_ms(compiled, device)
     with fastcnn.use_backend(backend):
         fn = contender(w, "fastcnn")
         got = first_result(fn)
-        ms = time_ms(fn, device, warmup=warmup, repeats=repeats)
+        ms = _time_ms(fn, device)
     return NetRow(net, mode, batch, str(dtype).removeprefix("torch."), backend, ms, eager_ms[eager_layout],
                   eager_layout, compile_ms, close(got, expected, dtype))
 

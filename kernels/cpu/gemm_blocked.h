@@ -27,6 +27,8 @@
 #include <type_traits>
 #include <vector>
 
+#include "act_vector.h"
+
 #include "fastcnn/cpu_parallel.h"
 #include "fastcnn/scalar.h"
 
@@ -149,6 +151,11 @@ FASTCNN_ALWAYS_INLINE void store_row(const acc_t<T>* tile, int64_t cnt, T* out, 
     } else {
       for (int64_t j = 0; j < cnt; ++j) store(out, j, v[j]);
     }
+    return;
+  }
+  if (act == Act::tanh || act == Act::sigmoid) {
+    act_vector::apply_row(v, cnt, act);
+    for (int64_t j = 0; j < cnt; ++j) store(out, j * out_stride, v[j]);
     return;
   }
   for (int64_t j = 0; j < cnt; ++j) store(out, j * out_stride, apply_act(v[j], act));
