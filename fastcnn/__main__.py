@@ -34,12 +34,15 @@ def parse_args(argv):
                        help="networks: batch sizes (default 1 and 8 on the CPU, 256 on a GPU)")
     bench.add_argument("--mode", choices=["infer", "train"], default=None,
                        help="networks: inference or a training step only (default both)")
-    bench.add_argument("--no-compile", action="store_true", help="networks: do not time torch.compile")
+    bench.add_argument("--no-compile", action="store_true",
+                       help="networks: do not time torch.compile (by default it is timed for inference, and for "
+                            "training on a GPU; --compile adds training on a CPU)")
     bench.add_argument("--plot", default=None, help="networks: write a bar chart of the speedups here (PNG)")
     bench.add_argument("--backward", action="store_true", help="with --layers: time forward + backward")
     bench.add_argument("--nchw", action="store_true", help="with --layers: NCHW instead of channels_last")
     bench.add_argument("--compile", action="store_true",
-                       help="with --kernels or --layers: also time torch.compile of the eager code (slow)")
+                       help="also time torch.compile of the eager code (slow): with --kernels or --layers, and "
+                            "for network training on a CPU")
     bench.add_argument("--json", default=None, help="write the results as JSON here")
     bench.add_argument("--markdown", default=None, help="write the results as a markdown table here")
     summary = sub.add_parser("summary", help="per-layer shapes, parameters, multiply-adds and bytes of a model, "
@@ -81,7 +84,7 @@ def bench_networks(args, device, dtype, console) -> int:
                   f"{', '.join(backends)}; dtype {dtype}")
     rows = networks.run(device, dtype, nets=args.nets, batches=args.batch,
                         modes=[args.mode] if args.mode else None, backends=backends,
-                        with_compile=not args.no_compile, console=console)
+                        with_compile=False if args.no_compile else (True if args.compile else None), console=console)
     console.print(networks.table(rows, f"images per second: fastcnn vs eager PyTorch and torch.compile, {dtype}"))
     for line in networks.summary_lines(rows):
         console.print(line, markup=False)

@@ -193,8 +193,11 @@ def geomean(values: list[float]) -> float:
 
 
 def run(device: torch.device, dtype: torch.dtype, *, nets: list[str] | None = None, batches: list[int] | None = None,
-        modes: list[str] | None = None, backends: list[str], with_compile: bool = True,
+        modes: list[str] | None = None, backends: list[str], with_compile: bool | None = None,
         console: Console | None = None) -> list[NetRow]:
+    """with_compile: time torch.compile too; None (the default) times it for inference
+    everywhere and for training on a GPU only: compiling every network's forward and
+    backward graphs is slow on a CPU."""
     console = console or Console()
     nets = nets or DEFAULT_NETS
     unknown = [n for n in nets if n not in models.list_models()]
@@ -208,7 +211,8 @@ def run(device: torch.device, dtype: torch.dtype, *, nets: list[str] | None = No
         task = progress.add_task("benchmarking", total=len(jobs))
         for net, mode, batch, backend in jobs:
             progress.update(task, description=f"{net} {mode} batch {batch} [{backend}]")
-            rows.append(run_network(net, mode, batch, dtype, device, backend, with_compile))
+            compile_this = with_compile if with_compile is not None else (mode == "infer" or device.type == "cuda")
+            rows.append(run_network(net, mode, batch, dtype, device, backend, compile_this))
             progress.advance(task)
     return rows
 
