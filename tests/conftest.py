@@ -153,6 +153,16 @@ def poisoned_allocations():
     torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
 
 
+@pytest.fixture
+def exact_float32():
+    """TF32 off on the GPU, so that float32 convolutions and matrix products are float32
+    (as the references are); modules that need it use it for every test."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 def make_input(shape, dtype, device, layout="nchw", requires_grad=False, seed=None):
     """Fresh random input in one of three layouts: nchw, channels_last, or a
     non-contiguous slice (every other column of a wider tensor)."""

@@ -19,13 +19,7 @@ ACTS = [None, "relu", "tanh", "sigmoid"]
 TORCH_ACTS = {None: lambda v: v, "relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}
 
 
-@pytest.fixture(autouse=True)
-def exact_float32_reference():
-    """TF32 off on the GPU, so that float32 is float32 (as the reference is)."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+pytestmark = pytest.mark.usefixtures("exact_float32")
 
 
 @dataclass(frozen=True)

@@ -15,12 +15,7 @@ TORCH_ACTS = {None: lambda v: v, "relu": torch.relu, "tanh": torch.tanh, "sigmoi
 SHAPES = [((5, 7), 3), ((1, 1), 1), ((8, 33), 17), ((2, 3, 9), 4), ((6,), 5), ((3, 300), 10)]
 
 
-@pytest.fixture(autouse=True)
-def exact_float32_reference():
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = saved
+pytestmark = pytest.mark.usefixtures("exact_float32")
 
 
 def make(shape, out_features, dtype, device, *, bias=True, requires_grad=True):

@@ -15,6 +15,8 @@ import fastcnn.models as models
 from fastcnn.models import reference as reference_models
 from conftest import assert_close, assert_close_normwise, backend_devices, dispatched_ops, randomize_batch_norm, reduction_scale
 
+pytestmark = pytest.mark.usefixtures("exact_float32")
+
 TORCHVISION_KEYS = json.loads((Path(__file__).parent / "data" / "torchvision_state_dict_keys.json").read_text())
 
 # name -> (builder kwargs, input (C, H, W)): the smallest input each network allows.
