@@ -17,7 +17,7 @@ $(PY):
 
 $(VENV)/.fastcnn-installed: $(PY) $(KERNEL_SOURCES)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install --quiet "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet -e ".[test,plot]"
+	$(PY) -m pip install --quiet -e ".[test,plot,data]"
 	touch $@
 
 # Rebuild the C++/CUDA modules in place after editing kernels/.

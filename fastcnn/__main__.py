@@ -1,5 +1,5 @@
-"""Command line: `python -m fastcnn bench` and `python -m fastcnn summary` (also the
-`fastcnn` console script)."""
+"""Command line: `python -m fastcnn bench`, `python -m fastcnn summary` and
+`python -m fastcnn train` (also the `fastcnn` console script)."""
 
 from __future__ import annotations
 
@@ -57,6 +57,11 @@ def parse_args(argv):
     summary.add_argument("--device", default=None, help="with --roofline: cpu or cuda (default: cuda when present)")
     summary.add_argument("--time", action="store_true",
                          help="with --roofline: run the model on the device and time each layer against its floor")
+    train = sub.add_parser("train", help="train a model on scikit-learn's digits or an image folder (also under "
+                                         "torchrun, with DistributedDataParallel)")
+    from fastcnn.train import add_arguments
+
+    add_arguments(train)
     return parser.parse_args(argv)
 
 
@@ -73,7 +78,16 @@ def main(argv=None) -> int:
         return bench_networks(args, device, dtype, console)
     if args.command == "summary":
         return summarize(args)
+    if args.command == "train":
+        return train(args)
     return 2
+
+
+def train(args) -> int:
+    from fastcnn.train import run
+
+    run(args)
+    return 0
 
 
 def bench_networks(args, device, dtype, console) -> int:
