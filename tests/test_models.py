@@ -261,6 +261,28 @@ def test_weights_from_state_dict_and_path(tmp_path):
         models.resnet18(num_classes=5, weights=source.state_dict())
 
 
+def test_googlenet_transform_input():
+    """transform_input=True rescales ImageNet-normalised input to (v - 0.5) / 0.5 per
+    channel before the network, as torchvision's GoogLeNet does for its checkpoint."""
+    model = models.googlenet(num_classes=10, aux_logits=False).eval()
+    x = torch.randn(2, 3, 64, 64)
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    rescaled = ((x * std.view(1, 3, 1, 1) + mean.view(1, 3, 1, 1)) - 0.5) / 0.5
+    with torch.no_grad():
+        expected = model(rescaled)
+        model.transform_input = True
+        assert_close(model(x), expected, scale=network_scale(model))
+
+
+def test_googlenet_transform_input_against_torchvision():
+    tv_models = pytest.importorskip("torchvision.models")
+    x = torch.randn(2, 3, 64, 64)
+    theirs = tv_models.googlenet(num_classes=10, aux_logits=False, transform_input=True, init_weights=False).eval()
+    ours = models.googlenet(num_classes=10, aux_logits=False, transform_input=True, weights=theirs.state_dict())
+    with torch.no_grad():
+        assert_close(ours.eval()(x), theirs(x), scale=network_scale(ours))
+
+
 def test_googlenet_without_aux_loads_a_checkpoint_with_aux():
     with_aux = models.googlenet(num_classes=10)
     model = models.googlenet(num_classes=10, aux_logits=False, weights=with_aux.state_dict())

@@ -95,10 +95,15 @@ class InceptionAux(nn.Module):
 
 
 class GoogLeNet(FusableModel):
+    """transform_input=True maps input normalised with ImageNet's mean and std to the
+    (x - 0.5) / 0.5 scaling torchvision's GoogLeNet checkpoint was trained on, as
+    torchvision's googlenet(weights=...) does."""
+
     def __init__(self, num_classes: int = 1000, aux_logits: bool = True, dropout: float = 0.2,
-                 dropout_aux: float = 0.7):
+                 dropout_aux: float = 0.7, transform_input: bool = False):
         super().__init__()
         self.aux_logits = aux_logits
+        self.transform_input = transform_input
         self.conv1 = BasicConv2d(3, 64, kernel_size=7, stride=2, padding=3)
         self.maxpool1 = fnn.MaxPool2d(3, stride=2, ceil_mode=True)
         self.conv2 = BasicConv2d(64, 64, kernel_size=1)
@@ -128,6 +133,8 @@ class GoogLeNet(FusableModel):
     def forward(self, x: Tensor) -> Tensor | GoogLeNetOutputs:
         """The logits; in training mode with aux_logits, GoogLeNetOutputs(logits,
         aux_logits2, aux_logits1) as torchvision returns them."""
+        if self.transform_input:
+            x = _imagenet_to_half_scale(x)
         x = self.conv3(self.conv2(self.maxpool1(self.conv1(x))))
         x = self.inception3b(self.inception3a(self.maxpool2(x)))
         x = self.inception4a(self.maxpool3(x))
@@ -142,6 +149,17 @@ class GoogLeNet(FusableModel):
         return x
 
 
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _imagenet_to_half_scale(x: Tensor) -> Tensor:
+    """x normalised as (v - mean) / std, rescaled to (v - 0.5) / 0.5 per channel."""
+    scale = torch.tensor([s / 0.5 for s in _IMAGENET_STD], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    shift = torch.tensor([(m - 0.5) / 0.5 for m in _IMAGENET_MEAN], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+    return x * scale + shift
+
+
 def _init_weights(model: nn.Module) -> None:
     """torchvision's GoogLeNet initialisation."""
     for m in model.modules():
@@ -154,9 +172,10 @@ def _init_weights(model: nn.Module) -> None:
 
 @register_model
 def googlenet(*, num_classes: int = 1000, aux_logits: bool = True, dropout: float = 0.2,
-              dropout_aux: float = 0.7, weights=None) -> GoogLeNet:
+              dropout_aux: float = 0.7, transform_input: bool = False, weights=None) -> GoogLeNet:
     """GoogLeNet (Inception v1); the auxiliary classifiers exist with aux_logits=True
     and run in training mode. A checkpoint's auxiliary weights are ignored when the
-    model is built without them."""
-    model = GoogLeNet(num_classes, aux_logits, dropout, dropout_aux)
+    model is built without them. With torchvision's ImageNet checkpoint pass
+    transform_input=True, as torchvision's own builder does for it."""
+    model = GoogLeNet(num_classes, aux_logits, dropout, dropout_aux, transform_input)
     return load_weights(model, weights, ignore_prefixes=() if aux_logits else ("aux1.", "aux2."))
