@@ -49,7 +49,7 @@ def builder_name(case: str) -> str:
             "googlenet_no_aux": "googlenet"}.get(case, case)
 
 
-def reference_kwargs(case: str, kwargs: dict) -> dict:
+def reference_kwargs(kwargs: dict) -> dict:
     return {k: v for k, v in kwargs.items() if k in ("num_classes", "activation", "groups", "aux_logits")}
 
 
@@ -67,7 +67,7 @@ def model_pair(case: str, dtype=torch.float64, device="cpu", seed=0):
     torch.manual_seed(seed)
     model = models.get_model(builder_name(case), **kwargs)
     randomize_batch_norm(model, seed)
-    reference = getattr(reference_models, builder_name(case))(**reference_kwargs(case, kwargs))
+    reference = getattr(reference_models, builder_name(case))(**reference_kwargs(kwargs))
     reference.load_state_dict(model.state_dict(), strict=True)
     return (no_dropout(model).to(device, dtype), no_dropout(reference).to(device, dtype), shape)
 

@@ -77,6 +77,16 @@ def _uniform(n: int, lo: float, hi: float, generator, dtype=torch.float64) -> Te
     return torch.rand(n, generator=generator, dtype=dtype) * (hi - lo) + lo
 
 
+def sample_and_apply(transform, images: Tensor) -> Tensor:
+    """transform.apply(images, transform.sample(shape)) on a batch, or on one (C, H, W)
+    image as a batch of one."""
+    check_images(images)
+    single = images.dim() == 3
+    batch = images.unsqueeze(0) if single else images
+    out = transform.apply(batch, transform.sample(batch.shape))
+    return out.squeeze(0) if single else out
+
+
 class BatchTransform:
     """Base class: a seeded transform of a batch (or of one image)."""
 
@@ -90,11 +100,7 @@ class BatchTransform:
         raise NotImplementedError
 
     def __call__(self, images: Tensor) -> Tensor:
-        check_images(images)
-        single = images.dim() == 3
-        batch = images.unsqueeze(0) if single else images
-        out = self.apply(batch, self.sample(batch.shape))
-        return out.squeeze(0) if single else out
+        return sample_and_apply(self, images)
 
 
 class Compose:

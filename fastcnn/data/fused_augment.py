@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from fastcnn import backends
-from fastcnn.data.augment import (ColorShift, Compose, Params, PCAColor, RandomCrop, RandomMirror, check_images)
+from fastcnn.data.augment import (ColorShift, Compose, Params, PCAColor, RandomCrop, RandomMirror, check_images,
+                                  sample_and_apply)
 
 __all__ = ["FusedAugment", "flip_crop_offset"]
 
@@ -159,8 +160,4 @@ class FusedAugment:
         return flip_crop_offset(images, size, top, left, flip, offset, padding, backend=self.backend)
 
     def __call__(self, images: Tensor) -> Tensor:
-        check_images(images)
-        single = images.dim() == 3
-        batch = images.unsqueeze(0) if single else images
-        out = self.apply(batch, self.sample(batch.shape))
-        return out.squeeze(0) if single else out
+        return sample_and_apply(self, images)

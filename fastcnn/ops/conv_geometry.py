@@ -72,13 +72,11 @@ def conv_params(input: torch.Tensor, weight: torch.Tensor, stride=1, padding=0, 
                 groups: int = 1) -> ConvParams:
     """Checks a convolution's arguments against input (N, C, H, W) and weight
     (C_out, C / groups, KH, KW) and returns them normalised."""
+    key = (tuple(input.shape[1:]), tuple(weight.shape), repr(stride), repr(padding), repr(dilation), repr(groups))
     try:
-        key = (tuple(input.shape[1:]), tuple(weight.shape), repr(stride), repr(padding), repr(dilation),
-               repr(groups))
-        hash(key)
-    except TypeError:  # symbolic sizes while torch.compile traces
+        params = _CHECKED.get(key)
+    except TypeError:  # symbolic sizes while torch.compile traces: not hashable
         return _checked_conv_params(input, weight, stride, padding, dilation, groups)
-    params = _CHECKED.get(key)
     if params is None:
         params = _checked_conv_params(input, weight, stride, padding, dilation, groups)
         if len(_CHECKED) >= _CHECKED_MAX:
