@@ -10,8 +10,13 @@ import torch
 from torch import Tensor
 
 import fastcnn.ops  # noqa: F401  (registers torch.ops.fastcnn.*)
-from fastcnn.ops import direct
+from fastcnn.ops import direct, prepared
 from fastcnn.ops.checks import check_tensor
+from fastcnn.ops.avg_pool2d import prepare_avg_pool2d
+from fastcnn.ops.conv2d import check_conv2d, check_conv2d_into, check_user_padding, prepare_conv2d
+from fastcnn.ops.global_avg_pool2d import prepare_global_avg_pool2d
+from fastcnn.ops.linear import check_linear, prepare_linear
+from fastcnn.ops.max_pool2d import prepare_max_pool2d
 from fastcnn.ops.pool_geometry import pool_params
 
 
@@ -39,6 +44,10 @@ def _batched(input: Tensor) -> tuple[Tensor, bool]:
 def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False) -> Tensor:
     """As torch.nn.functional.max_pool2d; the backward is deterministic (no atomics).
     Without a gradient to compute, no indices are kept (half the bytes written)."""
+    run = prepared.launcher("max_pool2d", (input,), (kernel_size, stride, padding, dilation, ceil_mode),
+                            prepare_max_pool2d)
+    if run is not None:
+        return run(input)
     x, unbatched = _batched(input)
     p = pool_params(x, kernel_size, stride, padding, dilation, ceil_mode)
     window = (list(p.kernel), list(p.stride), list(p.padding), list(p.dilation), p.ceil_mode)
@@ -52,6 +61,10 @@ def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, c
 def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
                count_include_pad: bool = True) -> Tensor:
     """As torch.nn.functional.avg_pool2d (without divisor_override)."""
+    run = prepared.launcher("avg_pool2d", (input,), (kernel_size, stride, padding, ceil_mode, count_include_pad),
+                            prepare_avg_pool2d)
+    if run is not None:
+        return run(input)
     x, unbatched = _batched(input)
     p = pool_params(x, kernel_size, stride, padding, 1, ceil_mode)
     if not isinstance(count_include_pad, bool):
@@ -63,6 +76,9 @@ def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bo
 
 def global_avg_pool2d(input: Tensor) -> Tensor:
     """Mean over H and W: torch.nn.functional.adaptive_avg_pool2d(input, 1)."""
+    run = prepared.launcher("global_avg_pool2d", (input,), (), prepare_global_avg_pool2d)
+    if run is not None:
+        return run(input)
     x, unbatched = _batched(input)
     out = direct.call("fastcnn::global_avg_pool2d", x)
     return out.squeeze(0) if unbatched else out
@@ -78,10 +94,12 @@ def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, 
     the result is written into out[:, channel_offset:channel_offset + C_out] and
     that slice is returned (an Inception module's branches fill one tensor); when
     a gradient is needed the result is computed first and then copied there."""
-    from fastcnn.ops.conv2d import check_conv2d, check_conv2d_into
+    run = prepared.launcher("conv2d", (input, weight, bias, residual, out),
+                            (stride, padding, dilation, groups, act, channel_offset), prepare_conv2d)
+    if run is not None:
+        return run(input, weight, bias, residual, out)
     x, unbatched = _batched(input)
-    if isinstance(padding, (tuple, list)) and len(padding) not in (1, 2):
-        raise TypeError(f"padding must be an int, a pair of ints, 'valid' or 'same', got {padding!r}")
+    check_user_padding(padding)
     if out is None and channel_offset != 0:
         raise ValueError("channel_offset needs out: it says where in out the result goes")
     if unbatched:
@@ -124,7 +142,9 @@ def conv2d_relu(input: Tensor, weight: Tensor, bias: Tensor | None = None, strid
 
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, act: str | None = None) -> Tensor:
     """act(torch.nn.functional.linear(input, weight, bias)) as one GEMM with its epilogue fused."""
-    from fastcnn.ops.linear import check_linear
+    run = prepared.launcher("linear", (input, weight, bias), (act,), prepare_linear)
+    if run is not None:
+        return run(input, weight, bias)
     check_linear(input, weight, bias, act)
     return direct.call("fastcnn::linear", input, weight, bias, act)
 

@@ -20,7 +20,7 @@ from fastcnn.ops.launch import backend_table
 from fastcnn.ops.layout import dense_in, memory_format_of, new_like
 from fastcnn.ops.pool_geometry import PoolParams, geometry, pool_params
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
-from fastcnn.ops import direct
+from fastcnn.ops import direct, prepared
 
 _ARGS = "int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode, bool count_include_pad"
 FORWARD_SCHEMA = f"(Tensor input, {_ARGS}) -> Tensor"
@@ -79,6 +79,16 @@ def avg_pool2d(input: Tensor, kernel_size: List[int], stride: List[int], padding
                count_include_pad: bool) -> Tensor:
     return _forward(FORWARD[backends.resolve(input.device)], input, kernel_size, stride, padding, ceil_mode,
                     count_include_pad)
+
+
+def prepare_avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad):
+    """A launcher (input) -> output for an eager inference call of
+    fastcnn.functional.avg_pool2d with 4-D input, dense in its layout (prepared.py)."""
+    if input.dim() != 4 or not input.is_contiguous(memory_format=memory_format_of(input)):
+        return None
+    p = check_avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad)
+    launch = FORWARD[backends.resolve(input.device)]
+    return prepared.allocating(_output_shape(input, p), lambda x, out: launch(x, out, p, count_include_pad), input)
 
 
 @avg_pool2d.register_fake

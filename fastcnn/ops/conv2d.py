@@ -33,7 +33,7 @@ from fastcnn import _native, backends
 from fastcnn.ops.checks import check_act, check_layer_bias, check_matches, check_tensor
 from fastcnn.ops.conv_geometry import ConvParams, conv_params, geometry
 from fastcnn.ops.launch import backend_table
-from fastcnn.ops.layout import new_like
+from fastcnn.ops.layout import memory_format_of, new_like
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
 from fastcnn.ops import direct
 
@@ -102,10 +102,20 @@ def _torch_conv2d(x, w, bias, residual, out, params: ConvParams, act):
 
 
 def _cpu_conv2d(x, w, bias, residual, out, params, act):
-    _native.load("_cpu").conv2d_forward(
-        x.data_ptr(), list(x.stride()), w.data_ptr(), list(w.stride()), _ptr(bias), _ptr(residual),
-        _strides(residual), out.data_ptr(), list(out.stride()), geometry(params, x.shape, w.shape),
-        _native.dtype_code(out), _native.ACT_CODES[act])
+    _bind_cpu_conv2d(x, w, residual, out, params, act)(x, w, bias, residual, out)
+
+
+def _bind_cpu_conv2d(x, w, residual, out, params, act):
+    """The CPU launch with everything but the data pointers worked out: a prepared
+    launcher binds once and then only reads pointers."""
+    module, geom = _native.load("_cpu"), geometry(params, x.shape, w.shape)
+    x_stride, w_stride, r_stride, out_stride = list(x.stride()), list(w.stride()), _strides(residual), list(out.stride())
+    code, act_code = _native.dtype_code(out), _native.ACT_CODES[act]
+
+    def launch(x, w, bias, residual, out):
+        module.conv2d_forward(x.data_ptr(), x_stride, w.data_ptr(), w_stride, _ptr(bias), _ptr(residual), r_stride,
+                              out.data_ptr(), out_stride, geom, code, act_code)
+    return launch
 
 
 def _cuda_conv2d(x, w, bias, residual, out, params, act):
@@ -122,6 +132,14 @@ def _triton_conv2d(x, w, bias, residual, out, params, act):
 
 
 FORWARD = backend_table(torch=_torch_conv2d, cpu=_cpu_conv2d, cuda=_cuda_conv2d, triton=_triton_conv2d)
+
+
+def _bind_forward(backend, x, w, residual, out, params, act):
+    """FORWARD[backend] as a launch (x, w, bias, residual, out) for tensors like these."""
+    if backend == "cpu":
+        return _bind_cpu_conv2d(x, w, residual, out, params, act)
+    launch = FORWARD[backend]
+    return lambda x, w, bias, residual, out: launch(x, w, bias, residual, out, params, act)
 
 
 def _launch_forward(launch, input, weight, bias, residual, out, params, act) -> None:
@@ -189,6 +207,48 @@ def conv2d_into(out: Tensor, channel_offset: int, input: Tensor, weight: Tensor,
 def _(out, channel_offset, input, weight, bias, residual, stride, padding, dilation, groups, act):
     params = check_conv2d(input, weight, bias, residual, stride, padding, dilation, groups, act)
     check_conv2d_into(out, channel_offset, input, weight, params)
+
+
+# --- prepared launches (prepared.py): the checks above once per signature
+
+def check_user_padding(padding) -> None:
+    """fastcnn.functional.conv2d takes padding as PyTorch does; four ints are the op schema's form."""
+    if isinstance(padding, (tuple, list)) and len(padding) not in (1, 2):
+        raise TypeError(f"padding must be an int, a pair of ints, 'valid' or 'same', got {padding!r}")
+
+
+def prepare_conv2d(input, weight, bias, residual, out, stride, padding, dilation, groups, act, channel_offset):
+    """A launcher (input, weight, bias, residual, out) -> result for an eager inference
+    call of fastcnn.functional.conv2d with 4-D input, or None for the usual path."""
+    if input.dim() != 4 or (bias is not None and not bias.is_contiguous()):
+        return None
+    check_user_padding(padding)
+    params = check_conv2d(input, weight, bias, residual, stride, padding, dilation, groups, act)
+    backend = backends.resolve(input.device)
+    if out is not None:
+        target = check_conv2d_into(out, channel_offset, input, weight, params)
+        launch = _bind_forward(backend, input, weight, residual, target, params, act)
+        channels, nonempty = weight.shape[0], target.numel() > 0
+
+        def run_into(x, w, b, r, o):
+            target = o.narrow(1, channel_offset, channels)
+            if nonempty:
+                launch(x, w, b, r, target)
+            return target
+        return run_into
+    if channel_offset != 0:
+        return None
+    shape, fmt = output_shape(input, weight, params), memory_format_of(input)
+    launch = _bind_forward(backend, input, weight, residual, torch.empty(shape, dtype=input.dtype, device="meta", memory_format=fmt),
+                           params, act)
+    nonempty = all(shape)
+
+    def run(x, w, b, r, o):
+        y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+        if nonempty:
+            launch(x, w, b, r, y)
+        return y
+    return run
 
 
 # --- input gradient: grad_input = conv_transpose(grad_pre, weight), as a gather

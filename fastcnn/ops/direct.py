@@ -30,10 +30,15 @@ def _plain(t) -> bool:
     return type(t) in (torch.Tensor, torch.nn.Parameter) and not t.is_meta
 
 
-def dispatcher_needed(args) -> bool:
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+def modes_active() -> bool:
+    """Tracing, a dispatch or function mode, a functorch transform or the profiler."""
+    return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
             or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()
-            or torch._C._autograd._profiler_enabled()):
+            or torch._C._autograd._profiler_enabled())
+
+
+def dispatcher_needed(args) -> bool:
+    if modes_active():
         return True
     grad = torch.is_grad_enabled()
     for a in args:

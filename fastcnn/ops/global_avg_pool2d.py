@@ -17,7 +17,7 @@ from fastcnn.ops.checks import check_matches, check_tensor
 from fastcnn.ops.launch import backend_table
 from fastcnn.ops.layout import dense_in, memory_format_of, new_like
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
-from fastcnn.ops import direct
+from fastcnn.ops import direct, prepared
 
 
 def check_global_avg_pool2d(input) -> None:
@@ -71,6 +71,15 @@ def _forward(launch, input: Tensor) -> Tensor:
 @direct.custom_op("fastcnn::global_avg_pool2d", mutates_args=())
 def global_avg_pool2d(input: Tensor) -> Tensor:
     return _forward(FORWARD[backends.resolve(input.device)], input)
+
+
+def prepare_global_avg_pool2d(input):
+    """A launcher (input) -> output for an eager inference call of
+    fastcnn.functional.global_avg_pool2d with 4-D input, dense in its layout (prepared.py)."""
+    if input.dim() != 4 or not input.is_contiguous(memory_format=memory_format_of(input)):
+        return None
+    check_global_avg_pool2d(input)
+    return prepared.allocating((*input.shape[:2], 1, 1), FORWARD[backends.resolve(input.device)], input)
 
 
 @global_avg_pool2d.register_fake

@@ -26,7 +26,7 @@ from fastcnn.ops.checks import check_act, check_layer_bias, check_matches, check
 from fastcnn.ops.conv2d import acc_dtype, pre_activation_grad, torch_act
 from fastcnn.ops.launch import backend_table
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
-from fastcnn.ops import direct
+from fastcnn.ops import direct, prepared
 
 ACTS = (None, "relu", "tanh", "sigmoid")
 
@@ -95,6 +95,18 @@ def _run_forward(launch, input, weight, bias, act) -> Tensor:
 @direct.custom_op("fastcnn::linear", mutates_args=())
 def linear(input: Tensor, weight: Tensor, bias: Optional[Tensor], act: Optional[str]) -> Tensor:
     return _run_forward(FORWARD[backends.resolve(input.device)], input, weight, bias, act)
+
+
+def prepare_linear(input, weight, bias, act):
+    """A launcher (input, weight, bias) -> output for an eager inference call of
+    fastcnn.functional.linear (prepared.py)."""
+    if (bias is not None and not bias.is_contiguous()) or input.shape[-1] == 0:
+        return None
+    check_linear(input, weight, bias, act)
+    launch = FORWARD[backends.resolve(input.device)]
+    (n, k), m = weight.shape, math.prod(input.shape[:-1])
+    return prepared.allocating(_output_shape(input, weight),
+                               lambda x, w, b, out: launch(x.reshape(m, k), w, b, out.view(m, n), act))
 
 
 @linear.register_fake

@@ -25,7 +25,7 @@ from fastcnn.ops.launch import backend_table
 from fastcnn.ops.layout import dense_in, memory_format_of, new_like
 from fastcnn.ops.pool_geometry import PoolParams, geometry, pool_params
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
-from fastcnn.ops import direct
+from fastcnn.ops import direct, prepared
 
 _WINDOW = "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode"
 FORWARD_SCHEMA = f"(Tensor input, {_WINDOW}) -> (Tensor, Tensor)"
@@ -115,6 +115,16 @@ def max_pool2d_no_indices(input, kernel_size, stride, padding, dilation, ceil_mo
 def _(input, kernel_size, stride, padding, dilation, ceil_mode):
     params = check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
     return new_like(input, _output_shape(input, params))
+
+
+def prepare_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
+    """A launcher (input) -> output for an eager inference call of
+    fastcnn.functional.max_pool2d with 4-D input (no indices: prepared.py)."""
+    if input.dim() != 4:
+        return None
+    params = check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
+    launch = FORWARD[backends.resolve(input.device)]
+    return prepared.allocating(_output_shape(input, params), lambda x, out: launch(x, out, None, params), input)
 
 
 def _no_indices_backward(ctx, grad_output):

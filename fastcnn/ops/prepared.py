@@ -1,0 +1,84 @@
+"""Prepared launches: an eager inference call's checks done once per signature.
+
+A layer calls its op with the same kinds of arguments every time, and at batch 1
+checking them, normalising them and working out the output's size and layout cost
+more than many of the kernels. The first call with a given signature (each
+tensor's shape, strides, dtype and device; the other arguments' reprs, so that
+True and 1 stay apart; the selected backend) runs the op's usual checks and
+returns a launcher: a closure that allocates the output and launches the kernel,
+reading only the tensors' data. Later calls with that signature run the launcher.
+
+Only calls that direct.call would run without the dispatcher get one (no
+gradient wanted, plain tensors, no tracing or mode): everything else, and any
+call whose preparation fails, takes the op's usual path, which checks again and
+raises the error that names the argument at fault.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+
+from fastcnn import backends
+from fastcnn.ops import direct
+from fastcnn.ops.layout import memory_format_of
+
+Launcher = Callable[..., torch.Tensor]
+
+_PREPARED: dict[tuple, Launcher | None] = {}
+_MAX_PREPARED = 4096
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def launcher(op: str, tensors: tuple, options: tuple, prepare: Callable[..., Launcher | None]) -> Launcher | None:
+    """The launcher for `op` called with `tensors` (each a tensor or None) and
+    `options` (everything else), from prepare(*tensors, *options) on first use; None
+    where the call must take the op's usual path."""
+    if direct.modes_active():
+        return None
+    grad = torch.is_grad_enabled()
+    selected = backends.selected_backend()
+    key = [op, selected, os.environ.get("TRITON_INTERPRET") if selected == "triton" else None, repr(options)]
+    for t in tensors:
+        if t is None:
+            key.append(None)
+        elif type(t) in _PLAIN and not t.is_meta and not (grad and t.requires_grad):
+            key.append((t.shape, t.stride(), t.dtype, t.device))
+        else:
+            return None
+    key = tuple(key)
+    try:
+        return _PREPARED[key]
+    except KeyError:
+        pass
+    try:
+        run = prepare(*tensors, *options)
+    except Exception:  # noqa: BLE001 - the usual path raises it, with its message
+        return None
+    if len(_PREPARED) >= _MAX_PREPARED:
+        _PREPARED.clear()
+    _PREPARED[key] = run
+    return run
+
+
+def clear() -> None:
+    """Forgets every prepared launcher (they hold no tensors, only sizes and kernels)."""
+    _PREPARED.clear()
+
+
+def allocating(shape, launch: Callable[..., None], like: torch.Tensor | None = None) -> Launcher:
+    """A launcher (*tensors) -> out for an op with one output: out is new, of `shape`,
+    in the layout of `like` (a tensor with the first argument's signature; None:
+    contiguous), and launch(*tensors, out) fills it unless it is empty."""
+    shape = tuple(shape)
+    fmt = memory_format_of(like) if like is not None and len(shape) == 4 else torch.contiguous_format
+    nonempty = all(shape)
+
+    def run(first, *rest):
+        out = torch.empty(shape, dtype=first.dtype, device=first.device, memory_format=fmt)
+        if nonempty:
+            launch(first, *rest, out)
+        return out
+    return run

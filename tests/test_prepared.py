@@ -1,0 +1,147 @@
+"""fastcnn.ops.prepared: eager inference calls run a launcher prepared on the first
+call with their signature. Each prepared op against PyTorch, called repeatedly with
+fresh data (the launcher reads pointers, not values, so every call must see its own
+tensors), in every dtype and layout; signatures that differ get their own launcher;
+bad input still raises the error naming the argument; calls that need autograd or
+a mode take the op's usual path."""
+
+import pytest
+import torch
+import torch.nn.functional as torch_F
+
+import fastcnn
+from fastcnn import functional as F
+from fastcnn.ops import prepared
+from conftest import BACKEND_DEVICES, BACKEND_IDS, assert_close, make_input, reduction_scale
+
+CPU_BACKENDS = [pytest.param(b, id=i) for (b, d), i in zip(BACKEND_DEVICES, BACKEND_IDS) if d == "cpu"]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+
+
+def _cases(dtype, device):
+    """(name, fastcnn call, PyTorch reference, tolerance scale) per prepared op, on fresh
+    random data each time they are called."""
+    def conv(layout):
+        x = make_input((2, 5, 9, 8), dtype, device, layout)
+        w, b = torch.randn(6, 5, 3, 3, dtype=dtype, device=device), torch.randn(6, dtype=dtype, device=device)
+        r = make_input((2, 6, 5, 8), dtype, device, layout)
+        return (lambda: F.conv2d(x, w, b, stride=(2, 1), padding=1, residual=r, act="relu"),
+                lambda: torch.relu(torch_F.conv2d(x.double(), w.double(), b.double(), (2, 1), 1) + r.double()))
+
+    def conv_into(layout):
+        x = make_input((2, 5, 7, 7), dtype, device, layout)
+        w = torch.randn(3, 5, 1, 1, dtype=dtype, device=device)
+        out = make_input((2, 8, 7, 7), dtype, device, layout)
+        before = out.double().clone()
+
+        def run():
+            y = F.conv2d(x, w, act="relu", out=out, channel_offset=4)
+            assert torch.equal(out[:, :4].double(), before[:, :4]) and torch.equal(out[:, 7:].double(), before[:, 7:])
+            return y
+
+        return run, lambda: torch.relu(torch_F.conv2d(x.double(), w.double()))
+
+    def linear():
+        x = torch.randn(3, 2, 17, dtype=dtype, device=device)
+        w, b = torch.randn(9, 17, dtype=dtype, device=device), torch.randn(9, dtype=dtype, device=device)
+        return (lambda: F.linear(x, w, b, act="tanh"), lambda: torch.tanh(torch_F.linear(x.double(), w.double(),
+                                                                                            b.double())))
+
+    def pools(layout):
+        x = make_input((2, 4, 11, 10), dtype, device, layout)
+        return [
+            ("max_pool2d", lambda: F.max_pool2d(x, 3, 2, 1, ceil_mode=True),
+             lambda: torch_F.max_pool2d(x.double(), 3, 2, 1, ceil_mode=True), 1.0),
+            ("avg_pool2d", lambda: F.avg_pool2d(x, 3, 2, 1, count_include_pad=False),
+             lambda: torch_F.avg_pool2d(x.double(), 3, 2, 1, count_include_pad=False), 3.0),
+            ("global_avg_pool2d", lambda: F.global_avg_pool2d(x),
+             lambda: torch_F.adaptive_avg_pool2d(x.double(), 1), 3.0),
+        ]
+
+    for layout in ("nchw", "channels_last"):
+        yield (f"conv2d-{layout}", *conv(layout), reduction_scale(45))
+        yield (f"conv2d_into-{layout}", *conv_into(layout), reduction_scale(5))
+        if layout == "nchw" or dtype != torch.bfloat16:
+            yield from ((f"{name}-{layout}", *rest) for name, *rest in pools(layout))
+    yield ("linear", *linear(), reduction_scale(17))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_prepared_calls_match_pytorch_on_fresh_data(backend, dtype):
+    if backend == "triton" and dtype != torch.float32:
+        pytest.skip("the Triton interpreter runs float32 here")
+    prepared.clear()
+    with fastcnn.use_backend(backend), torch.no_grad():
+        for call in range(3):  # the first prepares, the others reuse; fresh data every time
+            for name, run, reference, scale in _cases(dtype, "cpu"):
+                expected = reference()
+                got = run()
+                assert got.dtype == dtype, name
+                assert_close(got.double(), expected, dtype=dtype, scale=scale)
+    assert prepared._PREPARED and all(run is not None for run in prepared._PREPARED.values())
+
+
+def test_outputs_keep_the_layout_of_the_usual_path():
+    x = torch.randn(2, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(4, 3, 3, 3)
+    with torch.no_grad():
+        for _ in range(2):
+            assert F.conv2d(x, w).is_contiguous(memory_format=torch.channels_last)
+            assert F.max_pool2d(x, 2).is_contiguous(memory_format=torch.channels_last)
+            assert F.avg_pool2d(x, 2).is_contiguous(memory_format=torch.channels_last)
+            assert F.global_avg_pool2d(x).is_contiguous(memory_format=torch.channels_last)
+            assert F.conv2d(x.contiguous(), w).is_contiguous()
+
+
+def test_each_signature_gets_its_own_launcher():
+    prepared.clear()
+    w = torch.randn(4, 3, 3, 3)
+    with torch.no_grad():
+        for shape in ((1, 3, 8, 8), (2, 3, 8, 8), (1, 3, 9, 8)):
+            x = torch.randn(shape)
+            assert_close(F.conv2d(x, w, padding=1), torch_F.conv2d(x, w, padding=1), scale=reduction_scale(27))
+        x = torch.randn(1, 3, 8, 8)
+        F.conv2d(x, w, padding=(1, 1))  # keyed by the arguments as given
+        F.conv2d(x.double(), w.double(), padding=1)
+        with fastcnn.use_backend("torch"):
+            F.conv2d(x, w, padding=1)
+    assert len(prepared._PREPARED) == 6
+
+
+def test_bad_input_still_names_the_argument_after_a_good_call():
+    x, w = torch.randn(1, 3, 8, 8), torch.randn(4, 3, 3, 3)
+    with torch.no_grad():
+        F.conv2d(x, w)
+        with pytest.raises(ValueError, match="input has 2 channels"):
+            F.conv2d(x[:, :2], w)
+        with pytest.raises(TypeError, match="padding must be an int, a pair of ints"):
+            F.conv2d(x, w, padding=(1, 1, 1, 1))
+        F.max_pool2d(x, 2)
+        with pytest.raises(ValueError, match="padding .* must be at most half of kernel_size"):
+            F.max_pool2d(x, 2, padding=2)
+        F.linear(torch.randn(2, 5), torch.randn(3, 5))
+        with pytest.raises(ValueError, match="does not match weight.shape\\[1\\]"):
+            F.linear(torch.randn(2, 4), torch.randn(3, 5))
+
+
+def test_autograd_and_modes_take_the_usual_path():
+    prepared.clear()
+    x, w = torch.randn(1, 3, 8, 8, requires_grad=True), torch.randn(4, 3, 3, 3)
+    y = F.conv2d(x, w, act="relu")
+    assert y.grad_fn is not None  # the op's autograd recorded it
+    y.sum().backward()
+    assert x.grad is not None
+    assert not prepared._PREPARED
+    with torch.device("cpu"), torch.no_grad():  # a function mode
+        F.conv2d(x, w)
+    assert not prepared._PREPARED
+
+
+def test_empty_batch():
+    w = torch.randn(4, 3, 3, 3)
+    with torch.no_grad():
+        for _ in range(2):
+            assert F.conv2d(torch.randn(0, 3, 8, 8), w).shape == (0, 4, 6, 6)
+            assert F.max_pool2d(torch.randn(0, 3, 8, 8), 2).shape == (0, 3, 4, 4)
+            assert F.linear(torch.randn(0, 5), torch.randn(3, 5)).shape == (0, 3)
