@@ -79,6 +79,12 @@ def test_cpu_base_variant_matches(tmp_path):
         "assert not c.has_avx2()\n"
         "a, b = torch.randn(3, 5, 7, 9), torch.randn(3, 5, 7, 9)\n"
         "torch.testing.assert_close(F.add_act(a, b), torch.relu(a + b))\n"
+        "w, bias = torch.randn(9, 5, 3, 3), torch.randn(9)\n"
+        "x = torch.randn(2, 5, 8, 8).contiguous(memory_format=torch.channels_last)\n"
+        "ref = torch.tanh(torch.nn.functional.conv2d(x.double(), w.double(), bias.double(), padding=1)).float()\n"
+        "torch.testing.assert_close(F.conv2d(x, w, bias, padding=1, act='tanh'), ref, rtol=1e-5, atol=1e-5)\n"
+        "v, m = torch.randn(7, 20), torch.randn(17, 20)\n"
+        "torch.testing.assert_close(F.linear(v, m, act='sigmoid'), torch.sigmoid(v @ m.T), rtol=1e-5, atol=1e-5)\n"
         "print('ok')\n"
     )
     env = dict(os.environ, FASTCNN_CPU_ISA="base")

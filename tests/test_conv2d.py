@@ -155,6 +155,16 @@ def test_epilogues(backend_device, act, bias, residual):
     check_forward_and_grads(CASES["prime"], torch.float32, device, "channels_last", act, bias=bias, residual=residual)
 
 
+@pytest.mark.parametrize("act", ["tanh", "sigmoid"])
+@pytest.mark.parametrize("k", [1, 6, 8, 9, 16, 17, 33])
+def test_epilogue_at_every_tile_width(backend_device, act, k):
+    """Output channel counts that fill a CPU micro-tile's 16 columns partly, exactly and
+    past it: the tanh/sigmoid epilogue works on whole vectors of the tile."""
+    _, device = backend_device
+    check_forward_and_grads(replace(CASES["prime"], name=f"k{k}", k=k), torch.float32, device, "channels_last", act,
+                            residual=False, grads=False)
+
+
 def test_float64(backend_device):
     backend, device = backend_device
     if device == "cuda" and backend != "triton":

@@ -65,6 +65,16 @@ def test_small_batch_inference(backend_device, rows, in_features, out_features, 
 
 
 @pytest.mark.parametrize("act", ["tanh", "sigmoid"])
+@pytest.mark.parametrize("out_features", [1, 6, 8, 9, 16, 17, 33])
+@pytest.mark.parametrize("bias", [True, False])
+def test_epilogue_at_every_tile_width(backend_device, act, out_features, bias):
+    """Widths that fill a CPU micro-tile's 16 columns partly, exactly and past it
+    (batch 7: the blocked GEMM, not the matrix-vector path)."""
+    _, device = backend_device
+    check(*make((7, 20), out_features, torch.float32, device, bias=bias), act)
+
+
+@pytest.mark.parametrize("act", ["tanh", "sigmoid"])
 def test_epilogue_activation_over_the_float_range(backend_device, act):
     """tanh and sigmoid in the epilogue (the CPU evaluates them 8 lanes at a time
     with its own exp) across [-100, 100] and at the edges: the polynomial's switch

@@ -59,6 +59,15 @@ inline __attribute__((always_inline)) void sigmoid8(f8& x) {
   x = x != x ? x : y;
 }
 
+// x = act(x) for tanh and sigmoid.
+inline __attribute__((always_inline)) void apply8(f8& x, Act act) {
+  if (act == Act::tanh) {
+    tanh8(x);
+  } else {
+    sigmoid8(x);
+  }
+}
+
 // v[0, n) = act(v[0, n)) for tanh and sigmoid.
 template <class F> inline __attribute__((always_inline)) void apply_row(F* v, int64_t n, Act act) {
   if constexpr (std::is_same_v<F, float>) {
@@ -66,11 +75,7 @@ template <class F> inline __attribute__((always_inline)) void apply_row(F* v, in
       const int64_t count = n - j < 8 ? n - j : 8;
       f8 x = {};
       std::memcpy(&x, v + j, size_t(count) * sizeof(float));
-      if (act == Act::tanh) {
-        tanh8(x);
-      } else {
-        sigmoid8(x);
-      }
+      apply8(x, act);
       std::memcpy(v + j, &x, size_t(count) * sizeof(float));
     }
   } else {

@@ -348,13 +348,19 @@ struct ConvForward {
     }
   }
   FASTCNN_ALWAYS_INLINE void store(int64_t g, const Row* rows, int64_t nrows, int64_t n0, int64_t ncols,
-                                   const F* tile) const {
+                                   F* tile) const {
     const int64_t k0 = g * Kg + n0;
+    const T* col_bias = bias == nullptr ? nullptr : bias + k0;
+    Act row_act = act;
+    if (residual == nullptr && gemm::activate_tile<T>(tile, nrows, ncols, col_bias, act)) {
+      col_bias = nullptr;  // added, and the activation applied, in the tile
+      row_act = Act::none;
+    }
     for (int64_t i = 0; i < nrows; ++i) {
       const Pixel& p = rows[i];
       T* o = out + p.n * os[0] + k0 * os[1] + p.y * os[2] + p.x * os[3];
       const T* res = residual == nullptr ? nullptr : residual + p.n * rs[0] + k0 * rs[1] + p.y * rs[2] + p.x * rs[3];
-      gemm::store_row<T>(tile + i * NR, ncols, o, os[1], bias == nullptr ? nullptr : bias + k0, F(0), res, rs[1], act);
+      gemm::store_row<T>(tile + i * NR, ncols, o, os[1], col_bias, F(0), res, rs[1], row_act);
     }
   }
 };
@@ -389,7 +395,7 @@ struct ConvInputGrad {
     }
   }
   FASTCNN_ALWAYS_INLINE void store(int64_t g, const Row* rows, int64_t nrows, int64_t n0, int64_t ncols,
-                                   const F* tile) const {
+                                   F* tile) const {
     const int64_t c0 = g * Cg + n0;
     for (int64_t i = 0; i < nrows; ++i) {
       const Pixel& p = rows[i];
@@ -513,7 +519,7 @@ struct ConvWeightGrad {
     }
   }
   FASTCNN_ALWAYS_INLINE void store(int64_t g, const Row* rows, int64_t nrows, int64_t n0, int64_t ncols,
-                                   const F* tile) const {
+                                   F* tile) const {
     const int64_t m0 = rows[0].m;
     for (int64_t j = 0; j < ncols; ++j) {
       const int64_t col = n0 + j, tap = col / Cg, c = col % Cg;
@@ -598,7 +604,7 @@ struct ConvInputGradCols {
     }
   }
   FASTCNN_ALWAYS_INLINE void store(int64_t g, const Row* rows, int64_t nrows, int64_t n0, int64_t ncols,
-                                   const F* tile) const {
+                                   F* tile) const {
     const int64_t ld = groups * N;
     for (int64_t i = 0; i < nrows; ++i) {
       F* o = cols + rows[i].m * ld + g * N + n0;

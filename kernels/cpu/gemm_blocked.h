@@ -13,7 +13,8 @@
 //       spaced and need no conversion (no copy at all), else into buf, packed;
 //       a null pointer where the block is all zeros (skipped)
 //   void pack_b(g, n0, ncols, k0, kl, F* dst);   [kl][NR], columns past ncols zero
-//   void store(g, const Row* rows, nrows, n0, ncols, const F* tile);   tile [MR][NR]
+//   void store(g, const Row* rows, nrows, n0, ncols, F* tile);   tile [MR][NR], scratch the
+//       epilogue may work in (activate_tile)
 // Every output tile is owned by one thread and reduces its K blocks in order, so
 // results are the same bits on any thread count (K blocking depends on the shape,
 // dtype and layout only; the M/N split, which may follow the thread count, does not
@@ -159,6 +160,44 @@ FASTCNN_ALWAYS_INLINE void store_row(const acc_t<T>* tile, int64_t cnt, T* out, 
     return;
   }
   for (int64_t j = 0; j < cnt; ++j) store(out, j * out_stride, apply_act(v[j], act));
+}
+
+// tanh or sigmoid of a whole tile in place, after adding a per-column bias (null: none):
+// tile rows hold NR values (the first ncols in use), so whole vectors go in and out.
+// Row by row through store_row, a partial row copied into a vector and back stalls
+// store forwarding (~40 cycles a row: most of LeNet-5's tanh convolutions).
+// Returns false (tile untouched) where store_row must do it: double, other acts.
+template <class T>
+FASTCNN_ALWAYS_INLINE bool activate_tile(acc_t<T>* tile, int64_t nrows, int64_t ncols, const T* col_bias, Act act) {
+  using F = acc_t<T>;
+  if constexpr (!std::is_same_v<F, float>) {
+    return false;
+  } else {
+    if (act != Act::tanh && act != Act::sigmoid) return false;
+    constexpr int NR = kNR<F>;
+    alignas(32) F bias_row[NR] = {};
+    if (col_bias != nullptr)
+      for (int64_t j = 0; j < ncols; ++j) bias_row[j] = F(to_float(col_bias[j]));
+    act_vector::f8 b0, b1;
+    vload(b0, bias_row);
+    vload(b1, bias_row + 8);
+    const bool two = ncols > 8;
+    for (int64_t i = 0; i < nrows; ++i) {
+      F* row = tile + i * NR;
+      act_vector::f8 x0, x1;
+      vload(x0, row);
+      x0 += b0;
+      act_vector::apply8(x0, act);
+      vstore(row, x0);
+      if (two) {
+        vload(x1, row + 8);
+        x1 += b1;
+        act_vector::apply8(x1, act);
+        vstore(row + 8, x1);
+      }
+    }
+    return true;
+  }
 }
 
 // Aligned scratch owned by one thread.

@@ -58,12 +58,17 @@ struct Linear {
     gemm::pack_strided_b(b + k0 * bk + n0 * bn, bk, bn, ncols, kl, dst);
   }
   FASTCNN_ALWAYS_INLINE void store(int64_t, const Row* rows, int64_t nrows, int64_t n0, int64_t ncols,
-                                   const F* tile) const {
+                                   F* tile) const {
+    const T* col_bias = bias != nullptr && !bias_on_rows ? bias + n0 : nullptr;
+    Act row_act = act;
+    if ((bias == nullptr || !bias_on_rows) && gemm::activate_tile<T>(tile, nrows, ncols, col_bias, act)) {
+      col_bias = nullptr;  // added, and the activation applied, in the tile
+      row_act = Act::none;
+    }
     for (int64_t i = 0; i < nrows; ++i) {
       const int64_t m = rows[i].m;
-      const T* col_bias = bias != nullptr && !bias_on_rows ? bias + n0 : nullptr;
       const F row_bias = bias != nullptr && bias_on_rows ? F(load(bias, m)) : F(0);
-      gemm::store_row<T>(tile + i * NR, ncols, out + m * om + n0 * on, on, col_bias, row_bias, nullptr, 0, act);
+      gemm::store_row<T>(tile + i * NR, ncols, out + m * om + n0 * on, on, col_bias, row_bias, nullptr, 0, row_act);
     }
   }
 };
