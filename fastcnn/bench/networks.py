@@ -24,7 +24,7 @@ from torch import nn
 
 import fastcnn
 from fastcnn import models
-from fastcnn.bench.timing import time_ms
+from fastcnn.bench.timing import time_ms, time_ms_interleaved
 from fastcnn.models import reference
 
 DEFAULT_NETS = ["lenet5", "alexnet", "vgg16", "resnet50", "googlenet"]
@@ -150,34 +150,30 @@ def first_result(fn):
     return fn()
 
 
-def _time_ms(fn, device: torch.device) -> float:
-    """Median ms per call, with as many repeats as fit in about a second (3 to 200):
-    a batch-1 LeNet-5 call takes ~0.3 ms on a CPU and needs many samples to settle,
-    a batch-8 VGG-16 call takes seconds."""
-    first = time_ms(fn, device, warmup=1, repeats=1)
-    repeats = int(min(200, max(3, 1000.0 / max(first, 1e-3))))
-    return time_ms(fn, device, warmup=2 if first < 100 else 0, repeats=repeats)
-
-
 def run_network(net: str, mode: str, batch: int, dtype: torch.dtype, device: torch.device, backend: str,
                 with_compile: bool) -> NetRow:
+    """Times fastcnn, eager in both layouts and (with_compile) torch.compile in
+    interleaved rounds (timing.time_ms_interleaved): about a second each, 3 to 200
+    samples (a batch-1 LeNet-5 call takes ~0.2 ms on a CPU, a batch-8 VGG-16 call
+    seconds)."""
     w = workload(net, mode, batch, dtype, device)
     eager = {layout: contender(w, "eager", channels_last=layout == "channels_last")
              for layout in ("nchw", "channels_last")}
     expected = first_result(eager["nchw"])
-    eager_ms = {layout: _time_ms(fn, device) for layout, fn in eager.items()}
-    eager_layout = min(eager_ms, key=eager_ms.get)
-    compile_ms = None
+    contenders = {f"eager-{layout}": fn for layout, fn in eager.items()}
     if with_compile:
-        compiled = contender(w, "compile", channels_last=eager_layout == "channels_last")
+        # Compiled for the layout eager is faster in, judged by a first quick timing.
+        quick = {layout: time_ms(fn, device, warmup=1, repeats=3) for layout, fn in eager.items()}
+        compiled = contender(w, "compile", channels_last=min(quick, key=quick.get) == "channels_last")
         time_ms(compiled, device, warmup=1, repeats=1)  # compiles
-        compile_ms = _time_ms(compiled, device)
-    with fastcnn.use_backend(backend):
-        fn = contender(w, "fastcnn")
+        contenders["compile"] = compiled
+    with fastcnn.use_backend(backend):  # eager and compiled PyTorch run no fastcnn op
+        contenders["fastcnn"] = fn = contender(w, "fastcnn")
         got = first_result(fn)
-        ms = _time_ms(fn, device)
-    return NetRow(net, mode, batch, str(dtype).removeprefix("torch."), backend, ms, eager_ms[eager_layout],
-                  eager_layout, compile_ms, close(got, expected, dtype))
+        ms = time_ms_interleaved(contenders, device)
+    eager_layout = min(eager, key=lambda layout: ms[f"eager-{layout}"])
+    return NetRow(net, mode, batch, str(dtype).removeprefix("torch."), backend, ms["fastcnn"],
+                  ms[f"eager-{eager_layout}"], eager_layout, ms.get("compile"), close(got, expected, dtype))
 
 
 def close(got, expected, dtype) -> bool:
