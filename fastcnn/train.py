@@ -1,7 +1,7 @@
 """`python -m fastcnn train`: train one of fastcnn's models on scikit-learn's 8x8 digits
 (upscaled to 32x32) or on an image folder, with a progress bar, a checkpoint per epoch,
---resume, and the transfer-learning and test-time tools (--freeze, --ten-crop,
---ensemble). Under `torchrun --nproc-per-node N` (WORLD_SIZE > 1) it trains with
+--resume, and the transfer-learning and test-time tools (--weights of a network
+trained elsewhere, --freeze, --ten-crop, --ensemble). Under `torchrun --nproc-per-node N` (WORLD_SIZE > 1) it trains with
 DistributedDataParallel: gloo on the CPU, NCCL on GPUs; --batch-size is per process.
 
 Reproducible: the model is initialised from --seed, and every epoch's sample order is
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import pickle
 import random
 import re
 import sys
@@ -34,7 +35,7 @@ from fastcnn.loader import PrefetchLoader
 __all__ = ["add_arguments", "load_digits", "load_image_folder", "main", "run"]
 
 # (channels, side) of the images a model takes; 224x224 RGB for the ImageNet networks.
-INPUT_SIZES = {"lenet5": (1, 32)}
+INPUT_SIZES = {"lenet5": (1, 32), "alexnet_original": (3, 227)}
 DEFAULT_INPUT = (3, 224)
 CHECKPOINT = re.compile(r"epoch_(\d+)\.pt$")
 
@@ -55,6 +56,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-fraction", type=float, default=0.2, help="held-out share of the data")
     parser.add_argument("--out", default="checkpoints", help="directory of the per-epoch checkpoints")
     parser.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    parser.add_argument("--weights", default=None, metavar="PATH",
+                        help="start from these weights: a state_dict or a checkpoint of this command, say of the "
+                             "same network trained on another data set; the head layers start afresh where the "
+                             "number of classes differs (transfer learning, with --freeze)")
+    parser.add_argument("--image-size", type=int, default=None, metavar="SIDE",
+                        help="side of the square images the model is trained on (default: what it was designed "
+                             "for, 32 for lenet5, 227 for alexnet_original, else 224)")
     parser.add_argument("--freeze", default=None, metavar="NAME",
                         help="freeze every layer up to and including this module (fastcnn.transfer.freeze)")
     parser.add_argument("--augment", action="store_true",
@@ -178,6 +186,50 @@ def build_model(name: str, num_classes: int) -> nn.Module:
     return models.get_model(name, num_classes=num_classes, **kwargs)
 
 
+def _check_input_size(name: str, channels: int, side: int) -> None:
+    """The model must take (channels, side, side) images: a forward pass on the meta
+    device (no memory, no arithmetic) says so before any data is read."""
+    with torch.device("meta"):
+        probe = build_model(name, 10).eval()
+        try:
+            probe(torch.empty(1, channels, side, side))
+        except (RuntimeError, ValueError) as error:
+            raise SystemExit(f"fastcnn train: {name} cannot take {side}x{side} images (--image-size): "
+                             f"{error}") from None
+
+
+def load_pretrained(model: nn.Module, path: str | os.PathLike) -> list[str]:
+    """Loads a state_dict (or this command's checkpoint, whose "model" it is) into the
+    model for transfer learning: every key must match the model's, with the same
+    shape, except the head layers' (fastcnn.transfer.head_names), which keep their
+    fresh initialisation where the checkpoint has another number of classes. Returns
+    the keys left as initialised."""
+    from fastcnn import transfer
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, pickle.UnpicklingError) as error:
+        raise SystemExit(f"fastcnn train --weights: cannot read {path}: {error}") from None
+    if isinstance(state, dict) and isinstance(state.get("model"), dict):
+        state = state["model"]
+    if not isinstance(state, dict):
+        raise SystemExit(f"fastcnn train --weights: {path} holds no state_dict")
+    own = model.state_dict()
+    head = tuple(f"{name}." for name in transfer.head_names(model))
+    fresh = [k for k, v in state.items() if k in own and k.startswith(head) and tuple(v.shape) != tuple(own[k].shape)]
+    missing = sorted(own.keys() - state.keys())
+    unexpected = sorted(state.keys() - own.keys())
+    wrong = [f"{k} {tuple(v.shape)} (model: {tuple(own[k].shape)})" for k, v in state.items()
+             if k in own and k not in fresh and tuple(v.shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        raise SystemExit(f"fastcnn train --weights: {path} does not fit {type(model).__name__}: "
+                         + "; ".join(f"{what}: {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+                                     for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                                        ("other shape", wrong)) if keys))
+    model.load_state_dict({k: v for k, v in state.items() if k not in fresh}, strict=False)
+    return fresh
+
+
 def run(args: argparse.Namespace) -> Result:
     """Trains as the parsed command line says; returns the test accuracy and the trained
     model(s) (unwrapped from DistributedDataParallel)."""
@@ -195,6 +247,11 @@ def _run(args, dist_info: Distributed, device: torch.device) -> Result:
     if args.ensemble < 1:
         raise SystemExit(f"fastcnn train: --ensemble must be at least 1, got {args.ensemble}")
     channels, side = INPUT_SIZES.get(args.model, DEFAULT_INPUT)
+    if args.image_size is not None:
+        if args.image_size < 1:
+            raise SystemExit(f"fastcnn train: --image-size must be positive, got {args.image_size}")
+        side = args.image_size
+    _check_input_size(args.model, channels, side)
     if args.data == "digits":
         train_set, test_set = load_digits(side, args.test_fraction, args.seed, channels)
         num_classes = 10
@@ -218,7 +275,10 @@ def _train_one(args, seed: int, out: Path, train_set, num_classes: int, dist_inf
     from fastcnn import transfer
 
     _seed_everything(seed)
-    model = build_model(args.model, num_classes).to(device)
+    model = build_model(args.model, num_classes)
+    if args.weights:
+        load_pretrained(model, args.weights)
+    model = model.to(device)
     if args.freeze:
         transfer.freeze(model, until=args.freeze)
     params = transfer.trainable_parameters(model)

@@ -138,6 +138,49 @@ def test_image_folder_with_freeze_ten_crop_ensemble_and_augment(image_folder, tm
         assert not torch.equal(state["model"]["features.3.weight"], fresh.features[3].weight), "trained layer"
 
 
+def test_transfer_from_weights_trained_on_another_data_set(image_folder, tmp_path, capsys):
+    """--weights of LeNet-5 trained on the digits (10 classes), then the image folder's
+    3 classes with everything up to the last hidden layer frozen: the frozen layers are
+    the digits network's, the head is new and has 3 outputs."""
+    train(capsys, "--epochs", "1", "--out", str(tmp_path / "digits"))
+    source = tmp_path / "digits" / "epoch_001.pt"
+    digits = checkpoint(source)["model"]
+    out = tmp_path / "transfer"
+    train(capsys, "--data", str(image_folder), "--weights", str(source), "--freeze", "classifier.2", "--epochs",
+          "2", "--batch-size", "4", "--out", str(out))
+    state = checkpoint(out / "epoch_002.pt")["model"]
+    assert state["classifier.4.weight"].shape == (3, 84)
+    for key in ("features.0.weight", "features.3.bias", "classifier.0.weight", "classifier.2.weight"):
+        assert torch.equal(state[key], digits[key]), key
+    model = fastcnn_train.build_model("lenet5", 10)
+    assert fastcnn_train.load_pretrained(model, source) == []  # same classes: the head loads too
+    assert torch.equal(model.classifier[4].weight, digits["classifier.4.weight"])
+    with pytest.raises(SystemExit, match="does not fit LeNet5: missing: .*unexpected"):
+        fastcnn_train.load_pretrained(model, _saved(tmp_path, {"conv.weight": torch.zeros(1)}))
+    wide = dict(digits, **{"features.0.weight": torch.zeros(6, 3, 5, 5)})
+    with pytest.raises(SystemExit, match="other shape: features.0.weight \\(6, 3, 5, 5\\)"):
+        fastcnn_train.load_pretrained(model, _saved(tmp_path, wide))
+    with pytest.raises(SystemExit, match="cannot read"):
+        fastcnn_train.load_pretrained(model, tmp_path / "missing.pt")
+
+
+def _saved(tmp_path, state) -> str:
+    path = tmp_path / "state.pt"
+    torch.save(state, path)
+    return str(path)
+
+
+def test_image_size(image_folder, tmp_path, capsys):
+    train(capsys, "--data", str(image_folder), "--model", "resnet18", "--image-size", "16", "--epochs", "1",
+          "--batch-size", "6", "--out", str(tmp_path / "resnet"))
+    state = checkpoint(tmp_path / "resnet" / "epoch_001.pt")
+    assert state["model"]["fc.weight"].shape == (3, 512) and state["args"]["image_size"] == 16
+    with pytest.raises(SystemExit, match="lenet5 cannot take 28x28 images \\(--image-size\\)"):
+        main(["train", "--image-size", "28", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--image-size must be positive"):
+        main(["train", "--image-size", "0", "--out", str(tmp_path)])
+
+
 def test_evaluate_ten_crop_of_a_constant_model_output():
     model = fastcnn_train.build_model("lenet5", 10).eval()
     x = torch.randn(5, 1, 32, 32)
