@@ -19,7 +19,7 @@ import fastcnn
 from fastcnn.backends import available_backends, triton_interpreting
 from fastcnn.bench import ceilings as ceilings_mod
 from fastcnn.bench.cases import Case, cases
-from fastcnn.bench.timing import time_ms
+from fastcnn.bench.timing import time_ms, time_ms_interleaved
 from fastcnn.cost import roofline
 
 
@@ -72,14 +72,20 @@ def run_case(case: Case, backend: str, dtype: torch.dtype, device: torch.device,
     warmup = 1 if case.flops > 2e10 else 3
     with torch.enable_grad() if case.needs_grad else torch.no_grad():
         expected = case.eager(*inputs).detach().clone()
-        eager_ms = time_ms(lambda: case.eager(*inputs), device, repeats=repeats, warmup=warmup)
-        compile_ms = None
+        contenders = {"eager": lambda: case.eager(*inputs)}
         if with_compile:
             compiled = torch.compile(case.eager)
-            compile_ms = time_ms(lambda: compiled(*inputs), device, repeats=repeats, warmup=2)
-        with fastcnn.use_backend(backend):
+            time_ms(lambda: compiled(*inputs), device, repeats=1, warmup=1)  # compiles
+            contenders["compile"] = lambda: compiled(*inputs)
+        with fastcnn.use_backend(backend):  # the eager and compiled code run no fastcnn op
             got = case.fastcnn(*inputs).detach().clone()
-            ms = time_ms(lambda: case.fastcnn(*inputs), device, repeats=repeats, warmup=warmup)
+            contenders["fastcnn"] = lambda: case.fastcnn(*inputs)
+            for _ in range(warmup - 1):
+                for fn in contenders.values():
+                    fn()
+            # Interleaved rounds: a slow spell of the machine falls on every contender alike.
+            times = time_ms_interleaved(contenders, device, min_repeats=repeats, max_repeats=repeats)
+    ms, eager_ms, compile_ms = times["fastcnn"], times["eager"], times.get("compile")
     tol = {torch.float32: 1e-4, torch.float64: 1e-8}.get(dtype, 2e-2)
     if case.compute_bound:  # sums of many terms: judged against the result's own scale
         tol_abs = tol * max(1.0, float(expected.float().abs().max()))
