@@ -1,8 +1,9 @@
 """`python -m fastcnn train`: train one of fastcnn's models on scikit-learn's 8x8 digits
 (upscaled to 32x32) or on an image folder, with a progress bar, a checkpoint per epoch,
 --resume, and the transfer-learning and test-time tools (--weights of a network
-trained elsewhere, --freeze, --ten-crop, --ensemble). Under `torchrun --nproc-per-node N` (WORLD_SIZE > 1) it trains with
-DistributedDataParallel: gloo on the CPU, NCCL on GPUs; --batch-size is per process.
+trained elsewhere, --freeze, --ten-crop, --ensemble). Under
+`torchrun --nproc-per-node N` (WORLD_SIZE > 1) it trains with DistributedDataParallel:
+gloo on the CPU, NCCL on GPUs; --batch-size is per process.
 
 Reproducible: the model is initialised from --seed, and every epoch's sample order is
 that of a DistributedSampler seeded with --seed (one replica when not distributed), so

@@ -118,7 +118,8 @@ def _bind_cpu_conv2d(x, w, residual, out, params, act):
     to_channels_last = w.shape[2] * w.shape[3] > 1 and not x.is_contiguous(memory_format=torch.channels_last)
     if to_channels_last:
         x = torch.empty(x.shape, dtype=x.dtype, device="meta", memory_format=torch.channels_last)
-    x_stride, w_stride, r_stride, out_stride = list(x.stride()), list(w.stride()), _strides(residual), list(out.stride())
+    x_stride, w_stride = list(x.stride()), list(w.stride())
+    r_stride, out_stride = _strides(residual), list(out.stride())
     code, act_code = _native.dtype_code(out), _native.ACT_CODES[act]
 
     def launch(x, w, bias, residual, out):
@@ -250,8 +251,8 @@ def prepare_conv2d(input, weight, bias, residual, out, stride, padding, dilation
     if channel_offset != 0:
         return None
     shape, fmt = output_shape(input, weight, params), memory_format_of(input)
-    launch = _bind_forward(backend, input, weight, residual, torch.empty(shape, dtype=input.dtype, device="meta", memory_format=fmt),
-                           params, act)
+    like_out = torch.empty(shape, dtype=input.dtype, device="meta", memory_format=fmt)
+    launch = _bind_forward(backend, input, weight, residual, like_out, params, act)
     nonempty = all(shape)
 
     def run(x, w, b, r, o):
