@@ -86,16 +86,20 @@ def global_avg_pool2d(input: Tensor) -> Tensor:
 
 def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
            groups: int = 1, *, residual: Tensor | None = None, act: str | None = None, out: Tensor | None = None,
-           channel_offset: int = 0) -> Tensor:
+           channel_offset: int = 0, pack_weight: bool = False) -> Tensor:
     """act(torch.nn.functional.conv2d(input, weight, bias, ...) + residual) in one kernel.
 
     `padding` is an int, a pair, "valid" or "same" as in PyTorch; `act` is None,
     "relu", "tanh" or "sigmoid"; `residual` has the output's shape. With `out`,
     the result is written into out[:, channel_offset:channel_offset + C_out] and
     that slice is returned (an Inception module's branches fill one tensor); when
-    a gradient is needed the result is computed first and then copied there."""
+    a gradient is needed the result is computed first and then copied there.
+    `pack_weight=True` (for inference; the convs of a fused model set it) lets the
+    CPU keep the weight in its kernel's packed layout between calls, packing again
+    when the weight's data pointer or version counter changes (see
+    fastcnn/ops/packed_weights.py): not for weights changed through `.data`."""
     run = prepared.launcher("conv2d", (input, weight, bias, residual, out),
-                            (stride, padding, dilation, groups, act, channel_offset), prepare_conv2d)
+                            (stride, padding, dilation, groups, act, channel_offset, pack_weight), prepare_conv2d)
     if run is not None:
         return run(input, weight, bias, residual, out)
     x, unbatched = _batched(input)
@@ -134,10 +138,10 @@ def _unsqueezed(name: str, t: Tensor | None) -> Tensor | None:
 
 def conv2d_relu(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
                 groups: int = 1, *, residual: Tensor | None = None, out: Tensor | None = None,
-                channel_offset: int = 0) -> Tensor:
+                channel_offset: int = 0, pack_weight: bool = False) -> Tensor:
     """conv2d(..., act="relu"): relu(conv + bias + residual)."""
     return conv2d(input, weight, bias, stride, padding, dilation, groups, residual=residual, act="relu", out=out,
-                  channel_offset=channel_offset)
+                  channel_offset=channel_offset, pack_weight=pack_weight)
 
 
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, act: str | None = None) -> Tensor:

@@ -36,6 +36,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from fastcnn import functional as F
 from fastcnn import nn as fnn
 from fastcnn.fusion.fold import fold_batch_norm, to_fastcnn_conv
+from fastcnn.fusion.packing import keep_weights_packed
 
 FASTCNN_MODULES = (fnn.Conv2d, fnn.Linear, fnn.MaxPool2d, fnn.AvgPool2d, fnn.AdaptiveAvgPool2d, fnn.AddReLU,
                    fnn.BatchNorm2dReLU)
@@ -142,6 +143,7 @@ def fuse(model: nn.Module, example_input=None, *, inplace: bool = False, verbose
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     gm.recompile()
+    keep_weights_packed(gm)
 
     if inplace:
         for name, module in rewrite.replaced.items():

@@ -13,6 +13,7 @@ import copy
 from torch import nn
 
 from fastcnn.fusion.fold import fold_batch_norm
+from fastcnn.fusion.packing import keep_weights_packed
 from fastcnn.nn.batch_norm import BatchNorm2dReLU
 
 
@@ -28,7 +29,9 @@ class FusableModel(nn.Module):
                              "call .eval() first")
         model = self if inplace else copy.deepcopy(self)
         _fuse_tree(model)
+        keep_weights_packed(model)
         return model
+
 
 
 def fold_conv_batch_norm(conv: nn.Conv2d, bn: nn.Module) -> nn.Conv2d:

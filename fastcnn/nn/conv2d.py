@@ -18,7 +18,13 @@ class Conv2d(nn.Conv2d):
     `activation` is None, "relu", "tanh" or "sigmoid"; `forward(x, residual=None)`
     takes the residual of a ResNet block (same shape as the output), and `out=`,
     `channel_offset=` write the result into a channel slice of a larger tensor (an
-    Inception module's branches). A torch.nn.Conv2d checkpoint loads as it is."""
+    Inception module's branches). A torch.nn.Conv2d checkpoint loads as it is.
+
+    `pack_weight` (default False; fuse() sets it on the convs of the inference model
+    it returns): the CPU kernel keeps the weight packed between calls, packing again
+    after an in-place change seen by the weight's version counter (not through `.data`)."""
+
+    pack_weight = False
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
                  groups: int = 1, bias: bool = True, padding_mode: str = "zeros", device=None, dtype=None, *,
@@ -36,7 +42,8 @@ class Conv2d(nn.Conv2d):
         else:
             padding = self.padding
         return F.conv2d(input, self.weight, self.bias, self.stride, padding, self.dilation, self.groups,
-                        residual=residual, act=self.activation, out=out, channel_offset=channel_offset)
+                        residual=residual, act=self.activation, out=out, channel_offset=channel_offset,
+                        pack_weight=self.pack_weight)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", activation={self.activation!r}"

@@ -34,6 +34,7 @@ from fastcnn.ops.checks import check_act, check_layer_bias, check_matches, check
 from fastcnn.ops.conv_geometry import ConvParams, conv_params, geometry
 from fastcnn.ops.launch import backend_table
 from fastcnn.ops.layout import memory_format_of, new_like
+from fastcnn.ops.packed_weights import packed_conv_weight
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
 from fastcnn.ops import direct
 
@@ -105,9 +106,10 @@ def _cpu_conv2d(x, w, bias, residual, out, params, act):
     _bind_cpu_conv2d(x, w, residual, out, params, act)(x, w, bias, residual, out)
 
 
-def _bind_cpu_conv2d(x, w, residual, out, params, act):
+def _bind_cpu_conv2d(x, w, residual, out, params, act, pack_weight=False):
     """The CPU launch with everything but the data pointers worked out: a prepared
-    launcher binds once and then only reads pointers.
+    launcher binds once and then only reads pointers. pack_weight: keep the weight
+    packed between calls (packed_weights.py).
 
     A kernel larger than 1x1 reads the input in channels_last, where a kernel row's
     taps lie back to back; other input is copied to channels_last first, which costs
@@ -121,12 +123,14 @@ def _bind_cpu_conv2d(x, w, residual, out, params, act):
     x_stride, w_stride = list(x.stride()), list(w.stride())
     r_stride, out_stride = _strides(residual), list(out.stride())
     code, act_code = _native.dtype_code(out), _native.ACT_CODES[act]
+    w_key = tuple(w_stride)
 
     def launch(x, w, bias, residual, out):
         if to_channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
+        packed = packed_conv_weight(w, w_key, geom, code) if pack_weight else 0
         module.conv2d_forward(x.data_ptr(), x_stride, w.data_ptr(), w_stride, _ptr(bias), _ptr(residual), r_stride,
-                              out.data_ptr(), out_stride, geom, code, act_code)
+                              out.data_ptr(), out_stride, geom, code, act_code, packed)
     return launch
 
 
@@ -146,10 +150,11 @@ def _triton_conv2d(x, w, bias, residual, out, params, act):
 FORWARD = backend_table(torch=_torch_conv2d, cpu=_cpu_conv2d, cuda=_cuda_conv2d, triton=_triton_conv2d)
 
 
-def _bind_forward(backend, x, w, residual, out, params, act):
-    """FORWARD[backend] as a launch (x, w, bias, residual, out) for tensors like these."""
+def _bind_forward(backend, x, w, residual, out, params, act, pack_weight):
+    """FORWARD[backend] as a launch (x, w, bias, residual, out) for tensors like these;
+    pack_weight: the CPU keeps the weight packed between calls."""
     if backend == "cpu":
-        return _bind_cpu_conv2d(x, w, residual, out, params, act)
+        return _bind_cpu_conv2d(x, w, residual, out, params, act, pack_weight)
     launch = FORWARD[backend]
     return lambda x, w, bias, residual, out: launch(x, w, bias, residual, out, params, act)
 
@@ -229,7 +234,8 @@ def check_user_padding(padding) -> None:
         raise TypeError(f"padding must be an int, a pair of ints, 'valid' or 'same', got {padding!r}")
 
 
-def prepare_conv2d(input, weight, bias, residual, out, stride, padding, dilation, groups, act, channel_offset):
+def prepare_conv2d(input, weight, bias, residual, out, stride, padding, dilation, groups, act, channel_offset,
+                   pack_weight):
     """A launcher (input, weight, bias, residual, out) -> result for an eager inference
     call of fastcnn.functional.conv2d with 4-D input, or None for the usual path."""
     if input.dim() != 4 or (bias is not None and not bias.is_contiguous()):
@@ -239,7 +245,7 @@ def prepare_conv2d(input, weight, bias, residual, out, stride, padding, dilation
     backend = backends.resolve(input.device)
     if out is not None:
         target = check_conv2d_into(out, channel_offset, input, weight, params)
-        launch = _bind_forward(backend, input, weight, residual, target, params, act)
+        launch = _bind_forward(backend, input, weight, residual, target, params, act, pack_weight)
         channels, nonempty = weight.shape[0], target.numel() > 0
 
         def run_into(x, w, b, r, o):
@@ -252,7 +258,7 @@ def prepare_conv2d(input, weight, bias, residual, out, stride, padding, dilation
         return None
     shape, fmt = output_shape(input, weight, params), memory_format_of(input)
     like_out = torch.empty(shape, dtype=input.dtype, device="meta", memory_format=fmt)
-    launch = _bind_forward(backend, input, weight, residual, like_out, params, act)
+    launch = _bind_forward(backend, input, weight, residual, like_out, params, act, pack_weight)
     nonempty = all(shape)
 
     def run(x, w, b, r, o):

@@ -10,7 +10,7 @@ void bind_cpu_conv2d(py::module_& m) {
   using Strides = std::vector<int64_t>;
   m.def("conv2d_forward", [](uintptr_t x, const Strides& xs, uintptr_t w, const Strides& ws, uintptr_t bias,
                              uintptr_t residual, const Strides& rs, uintptr_t out, const Strides& os,
-                             const std::vector<int64_t>& geometry, int dtype, int act) {
+                             const std::vector<int64_t>& geometry, int dtype, int act, uintptr_t packed_w) {
     int64_t x_stride[4], w_stride[4], r_stride[4], o_stride[4];
     strides4_from_list(xs, x_stride);
     strides4_from_list(ws, w_stride);
@@ -19,7 +19,20 @@ void bind_cpu_conv2d(py::module_& m) {
     const ConvGeometry g = conv_geometry_from_list(geometry);
     py::gil_scoped_release nogil;
     cpu::conv2d_forward(in_ptr(x), x_stride, in_ptr(w), w_stride, in_ptr(bias), in_ptr(residual), r_stride,
-                        out_ptr(out), o_stride, g, dtype, act);
+                        out_ptr(out), o_stride, g, dtype, act, in_ptr(packed_w));
+  }, py::arg("x"), py::arg("x_stride"), py::arg("w"), py::arg("w_stride"), py::arg("bias"), py::arg("residual"),
+     py::arg("residual_stride"), py::arg("out"), py::arg("out_stride"), py::arg("geometry"), py::arg("dtype"),
+     py::arg("act"), py::arg("packed_w") = 0);
+  m.def("conv2d_packed_weight_bytes", [](const std::vector<int64_t>& geometry, int dtype) {
+    return cpu::conv2d_packed_weight_bytes(conv_geometry_from_list(geometry), dtype);
+  });
+  m.def("conv2d_pack_weight", [](uintptr_t w, const Strides& ws, const std::vector<int64_t>& geometry, int dtype,
+                                 uintptr_t packed_w) {
+    int64_t w_stride[4];
+    strides4_from_list(ws, w_stride);
+    const ConvGeometry g = conv_geometry_from_list(geometry);
+    py::gil_scoped_release nogil;
+    cpu::conv2d_pack_weight(in_ptr(w), w_stride, g, dtype, out_ptr(packed_w));
   });
   m.def("conv2d_input_grad", [](uintptr_t grad, const Strides& gs, uintptr_t w, const Strides& ws, uintptr_t grad_x,
                                 const Strides& gxs, const std::vector<int64_t>& geometry, int dtype) {

@@ -789,38 +789,69 @@ void depthwise_forward(const T* x, const int64_t* xs, const T* w, const int64_t*
 
 }  // namespace
 
+namespace {
+
+bool depthwise(const ConvGeometry& g) { return g.c_per_group() == 1 && g.k_per_group() == 1 && g.groups > 1; }
+
+// The forward GEMM's weight side (all that pack_b reads), for packing alone.
+template <class T>
+ConvForward<T> forward_weights(const T* w, const int64_t* w_stride, const ConvGeometry& g) {
+  ConvForward<T> p{};
+  p.groups = g.groups;
+  p.N = g.k_per_group();
+  p.K = g.R * g.S * g.c_per_group();
+  p.w = w;
+  p.ws = w_stride;
+  p.Cg = g.c_per_group();
+  p.Kg = g.k_per_group();
+  p.S = g.S;
+  return p;
+}
+
+}  // namespace
+
 void conv2d_forward(const void* x, const int64_t* x_stride, const void* w, const int64_t* w_stride,
                     const void* bias, const void* residual, const int64_t* residual_stride, void* out,
-                    const int64_t* out_stride, const ConvGeometry& g, int dtype, int act) {
+                    const int64_t* out_stride, const ConvGeometry& g, int dtype, int act, const void* packed_w) {
   dispatch_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const int64_t Cg = g.c_per_group(), Kg = g.k_per_group(), K = g.R * g.S * Cg;
-    if (Cg == 1 && Kg == 1 && g.groups > 1) {
+    if (depthwise(g)) {
       depthwise_forward(static_cast<const T*>(x), x_stride, static_cast<const T*>(w), w_stride,
                         static_cast<const T*>(bias), static_cast<const T*>(residual), residual_stride,
                         static_cast<T*>(out), out_stride, g, Act(act));
       return;
     }
-    ConvForward<T> p{};
-    p.groups = g.groups;
+    ConvForward<T> p = forward_weights(static_cast<const T*>(w), w_stride, g);
     p.M = g.N * g.OH * g.OW;
-    p.N = Kg;
-    p.K = K;
     p.a = {static_cast<const T*>(x), x_stride[0], x_stride[1], x_stride[2], x_stride[3], g.H, g.W, g.OH, g.OW,
-           Cg, g.R, g.S, g.stride_h, g.stride_w, g.pad_h, g.pad_w, g.dil_h, g.dil_w, g.N};
-    set_k_blocking<T>(p, Cg, p.a.row_contiguous() ? g.S * Cg : 0);
-    p.w = static_cast<const T*>(w);
-    p.ws = w_stride;
-    p.Cg = Cg;
-    p.Kg = Kg;
-    p.S = g.S;
+           p.Cg, g.R, g.S, g.stride_h, g.stride_w, g.pad_h, g.pad_w, g.dil_h, g.dil_w, g.N};
+    set_k_blocking<T>(p, p.Cg, p.a.row_contiguous() ? g.S * p.Cg : 0);
     p.bias = static_cast<const T*>(bias);
     p.residual = static_cast<const T*>(residual);
     p.rs = residual_stride;
     p.out = static_cast<T*>(out);
     p.os = out_stride;
     p.act = Act(act);
-    gemm::run<T>(p);
+    gemm::run<T>(p, static_cast<const acc_t<T>*>(packed_w));
+  });
+}
+
+int64_t conv2d_packed_weight_bytes(const ConvGeometry& g, int dtype) {
+  int64_t bytes = 0;
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (!depthwise(g))
+      bytes = gemm::packed_b_elements<T>(g.groups, g.k_per_group(), g.R * g.S * g.c_per_group()) *
+              int64_t(sizeof(acc_t<T>));
+  });
+  return bytes;
+}
+
+void conv2d_pack_weight(const void* w, const int64_t* w_stride, const ConvGeometry& g, int dtype, void* packed_w) {
+  dispatch_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (depthwise(g)) return;
+    gemm::pack_b_into<T>(forward_weights(static_cast<const T*>(w), w_stride, g), static_cast<acc_t<T>*>(packed_w));
   });
 }
 

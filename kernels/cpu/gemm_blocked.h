@@ -344,20 +344,41 @@ FASTCNN_ALWAYS_INLINE void tiles_body(const Problem* prob, const Plan* plan, con
 }
 FASTCNN_ISA_VARIANTS(gemm_tiles, tiles_body)
 
-// Runs the whole GEMM of `prob` on the thread pool.
+// Elements (acc_t) of a prepacked B: per group, ceil(N / NR) panels of [K][NR]. It
+// depends on the groups, N and K alone, so a B packed once (a layer's weights at
+// inference) serves every call whatever M, the thread count or the K blocking.
+template <class T>
+inline int64_t packed_b_elements(int64_t groups, int64_t N, int64_t K) {
+  constexpr int NR = kNR<acc_t<T>>;
+  return groups * ceil_div(N, NR) * K * NR;
+}
+
+// Packs the whole B of a kPrepackB problem into dst (packed_b_elements long).
 template <class T, class Problem>
-void run(const Problem& prob) {
+void pack_b_into(const Problem& prob, acc_t<T>* dst) {
+  constexpr int NR = kNR<acc_t<T>>;
+  Plan plan{};
+  plan.groups = prob.groups;
+  plan.N = prob.N;
+  plan.K = prob.K;
+  plan.n_panels = ceil_div(prob.N, NR);
+  parallel_for(plan.groups * plan.n_panels, 1, [&](int64_t begin, int64_t end) {
+    FASTCNN_ISA_CALL(gemm_pack_b, T, &prob, &plan, dst, begin, end);
+  });
+}
+
+// Runs the whole GEMM of `prob` on the thread pool. prepacked_b: B as pack_b_into
+// left it (kPrepackB problems only), or null to pack it here.
+template <class T, class Problem>
+void run(const Problem& prob, const acc_t<T>* prepacked_b = nullptr) {
   using F = acc_t<T>;
   constexpr int NR = kNR<F>;
   const Plan plan = make_plan(prob.groups, prob.M, prob.N, prob.K, prob.k_run, prob.k_align, NR,
                               Problem::kPrepackB, omp_get_max_threads());
-  Scratch<F> packed(plan.prepacked ? plan.groups * plan.n_panels * plan.K * NR : 0);
-  if (plan.prepacked) {
-    parallel_for(plan.groups * plan.n_panels, 1, [&](int64_t begin, int64_t end) {
-      FASTCNN_ISA_CALL(gemm_pack_b, T, &prob, &plan, packed.get(), begin, end);
-    });
-  }
-  const F* packed_b = packed.get();
+  const bool pack_here = plan.prepacked && prepacked_b == nullptr;
+  Scratch<F> packed(pack_here ? packed_b_elements<T>(plan.groups, plan.N, plan.K) : 0);
+  if (pack_here) pack_b_into<T>(prob, packed.get());
+  const F* packed_b = pack_here ? packed.get() : prepacked_b;
   parallel_for(plan.tasks(), 1, [&](int64_t begin, int64_t end) {
     FASTCNN_ISA_CALL(gemm_tiles, T, &prob, &plan, packed_b, begin, end);
   });
