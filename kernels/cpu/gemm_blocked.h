@@ -144,8 +144,13 @@ FASTCNN_ALWAYS_INLINE void store_row(const acc_t<T>* tile, int64_t cnt, T* out, 
   } else {
     for (int64_t j = 0; j < cnt; ++j) v[j] = tile[j] + row_bias;
   }
-  if (residual != nullptr)
-    for (int64_t j = 0; j < cnt; ++j) v[j] += load(residual, j * residual_stride);
+  if (residual != nullptr) {
+    if (residual_stride == 1) {  // channels_last: a loop the compiler vectorises
+      for (int64_t j = 0; j < cnt; ++j) v[j] += load(residual, j);
+    } else {
+      for (int64_t j = 0; j < cnt; ++j) v[j] += load(residual, j * residual_stride);
+    }
+  }
   if (out_stride == 1 && (act == Act::relu || act == Act::none)) {
     if (act == Act::relu) {
       for (int64_t j = 0; j < cnt; ++j) store(out, j, v[j] < F(0) ? F(0) : v[j]);  // NaN passes
