@@ -69,25 +69,28 @@ template <class V, class F> FASTCNN_ALWAYS_INLINE void vstore(F* p, const V& v) 
 }
 
 // c[MR][NR] (+)= A panel * B panel ([kc][NR]). kUnitK: A rows are contiguous in k.
-// Twelve named accumulators (arrays invite spills); one broadcast live at a time.
-template <class F, bool kUnitK>
+// kHalf: only the first L columns are in use (a layer with at most L output channels,
+// LeNet-5's first conv has 6): half the FMAs and B loads; the other half of c is
+// left as it was. Twelve named accumulators (arrays invite spills); one broadcast
+// live at a time.
+template <class F, bool kUnitK, bool kHalf = false>
 FASTCNN_ALWAYS_INLINE void micro_kernel(int64_t kc, const APanel<F>& a, const F* b, F* c, bool accumulate) {
   using V = typename Vec<F>::type;
   constexpr int L = kLanes<F>, NR = kNR<F>;
   V c00{}, c01{}, c10{}, c11{}, c20{}, c21{}, c30{}, c31{}, c40{}, c41{}, c50{}, c51{};
   if (accumulate) {
-    vload(c00, c + 0 * NR), vload(c01, c + 0 * NR + L);
-    vload(c10, c + 1 * NR), vload(c11, c + 1 * NR + L);
-    vload(c20, c + 2 * NR), vload(c21, c + 2 * NR + L);
-    vload(c30, c + 3 * NR), vload(c31, c + 3 * NR + L);
-    vload(c40, c + 4 * NR), vload(c41, c + 4 * NR + L);
-    vload(c50, c + 5 * NR), vload(c51, c + 5 * NR + L);
+    vload(c00, c + 0 * NR), vload(c10, c + 1 * NR), vload(c20, c + 2 * NR);
+    vload(c30, c + 3 * NR), vload(c40, c + 4 * NR), vload(c50, c + 5 * NR);
+    if constexpr (!kHalf) {
+      vload(c01, c + 0 * NR + L), vload(c11, c + 1 * NR + L), vload(c21, c + 2 * NR + L);
+      vload(c31, c + 3 * NR + L), vload(c41, c + 4 * NR + L), vload(c51, c + 5 * NR + L);
+    }
   }
-#define FASTCNN_GEMM_ROW(i, x) \
-  {                            \
-    const F a_ = (x);          \
-    c##i##0 += b0 * a_;        \
-    c##i##1 += b1 * a_;        \
+#define FASTCNN_GEMM_ROW(i, x)             \
+  {                                        \
+    const F a_ = (x);                      \
+    c##i##0 += b0 * a_;                    \
+    if constexpr (!kHalf) c##i##1 += b1 * a_; \
   }
   const int64_t seg_len = a.seg_len > 0 ? a.seg_len : kc;
   for (int64_t k0 = 0, seg = 0; k0 < kc; k0 += seg_len, ++seg) {
@@ -102,7 +105,7 @@ FASTCNN_ALWAYS_INLINE void micro_kernel(int64_t kc, const APanel<F>& a, const F*
       for (int64_t k = 0; k < len; ++k) {
         V b0, b1;
         vload(b0, b);
-        vload(b1, b + L);
+        if constexpr (!kHalf) vload(b1, b + L);
         b += NR;
         FASTCNN_GEMM_ROW(0, r0[k]) FASTCNN_GEMM_ROW(1, r1[k]) FASTCNN_GEMM_ROW(2, r2[k])
         FASTCNN_GEMM_ROW(3, r3[k]) FASTCNN_GEMM_ROW(4, r4[k]) FASTCNN_GEMM_ROW(5, r5[k])
@@ -113,7 +116,7 @@ FASTCNN_ALWAYS_INLINE void micro_kernel(int64_t kc, const APanel<F>& a, const F*
       for (int64_t k = 0; k < len; ++k) {
         V b0, b1;
         vload(b0, b);
-        vload(b1, b + L);
+        if constexpr (!kHalf) vload(b1, b + L);
         b += NR;
         FASTCNN_GEMM_ROW(0, ak[0]) FASTCNN_GEMM_ROW(1, ak[rs]) FASTCNN_GEMM_ROW(2, ak[2 * rs])
         FASTCNN_GEMM_ROW(3, ak[3 * rs]) FASTCNN_GEMM_ROW(4, ak[4 * rs]) FASTCNN_GEMM_ROW(5, ak[5 * rs])
@@ -122,12 +125,12 @@ FASTCNN_ALWAYS_INLINE void micro_kernel(int64_t kc, const APanel<F>& a, const F*
     }
   }
 #undef FASTCNN_GEMM_ROW
-  vstore(c + 0 * NR, c00), vstore(c + 0 * NR + L, c01);
-  vstore(c + 1 * NR, c10), vstore(c + 1 * NR + L, c11);
-  vstore(c + 2 * NR, c20), vstore(c + 2 * NR + L, c21);
-  vstore(c + 3 * NR, c30), vstore(c + 3 * NR + L, c31);
-  vstore(c + 4 * NR, c40), vstore(c + 4 * NR + L, c41);
-  vstore(c + 5 * NR, c50), vstore(c + 5 * NR + L, c51);
+  vstore(c + 0 * NR, c00), vstore(c + 1 * NR, c10), vstore(c + 2 * NR, c20);
+  vstore(c + 3 * NR, c30), vstore(c + 4 * NR, c40), vstore(c + 5 * NR, c50);
+  if constexpr (!kHalf) {
+    vstore(c + 0 * NR + L, c01), vstore(c + 1 * NR + L, c11), vstore(c + 2 * NR + L, c21);
+    vstore(c + 3 * NR + L, c31), vstore(c + 4 * NR + L, c41), vstore(c + 5 * NR + L, c51);
+  }
 }
 
 // Shared epilogue of one tile row: out[j] = act(tile[j] + bias[j] + row_bias + residual[j]),
@@ -332,10 +335,17 @@ FASTCNN_ALWAYS_INLINE void tiles_body(const Problem* prob, const Plan* plan, con
         for (int64_t ip = 0; ip < mp; ++ip) {
           F* tile = c_buf.get() + (ip * np + jp) * (MR * NR);
           const APanel<F>& a = panels[size_t(ip)];
+          const bool half = std::min<int64_t>(NR, ncols - jp * NR) <= kLanes<F>;
           if (a.ptr == nullptr) {
             if (!accumulate) std::memset(tile, 0, sizeof(F) * MR * NR);
           } else if (a.cs == 1) {
-            micro_kernel<F, true>(kl, a, b, tile, accumulate);
+            if (half) {
+              micro_kernel<F, true, true>(kl, a, b, tile, accumulate);
+            } else {
+              micro_kernel<F, true>(kl, a, b, tile, accumulate);
+            }
+          } else if (half) {
+            micro_kernel<F, false, true>(kl, a, b, tile, accumulate);
           } else {
             micro_kernel<F, false>(kl, a, b, tile, accumulate);
           }
