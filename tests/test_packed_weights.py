@@ -93,3 +93,18 @@ def test_fused_models_keep_weights_packed():
         assert torch.equal(fused(x), fresh(x)) and not torch.equal(fused(x), first)
     traced = fastcnn.fuse(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval())
     assert all(m.pack_weight for m in traced.modules() if isinstance(m, fastcnn.nn.Conv2d))
+
+
+def test_inference_mode_weights_are_packed_in_the_call():
+    """Tensors made under torch.inference_mode track no version: nothing is cached."""
+    with torch.inference_mode():
+        model = fastcnn.models.lenet5().eval().fuse()
+        x = torch.randn(2, 1, 32, 32)
+        before = packed_weights.packed_bytes()
+        first = model(x)
+        model.features[0].weight.mul_(2)  # in place, unseen by any version counter
+        second = model(x)
+        assert packed_weights.packed_bytes() == before
+        reference = model.fuse()  # a copy; pack_weight changes nothing for inference tensors
+        reference.apply(lambda m: setattr(m, "pack_weight", False) if isinstance(m, fastcnn.nn.Conv2d) else None)
+        assert torch.equal(second, reference(x)) and not torch.equal(first, second)

@@ -138,6 +138,17 @@ def test_autograd_and_modes_take_the_usual_path():
     assert not prepared._PREPARED
 
 
+def test_other_layouts_take_the_usual_path():
+    prepared.clear()
+    w = torch.randn(3, 5)
+    with torch.no_grad():
+        with pytest.raises(TypeError, match="input must be a dense \\(strided\\) tensor, got layout torch.sparse_coo"):
+            F.linear(torch.randn(2, 5).to_sparse(), w)
+        with pytest.raises(TypeError, match="weight must be a dense"):
+            F.conv2d(torch.randn(1, 3, 5, 5), torch.randn(4, 3, 3, 3).to_sparse())
+    assert not prepared._PREPARED
+
+
 def test_empty_batch():
     w = torch.randn(4, 3, 3, 3)
     with torch.no_grad():

@@ -128,9 +128,9 @@ def _bind_cpu_conv2d(x, w, residual, out, params, act, pack_weight=False):
     def launch(x, w, bias, residual, out):
         if to_channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        packed = packed_conv_weight(w, w_key, geom, code) if pack_weight else 0
+        packed = packed_conv_weight(w, w_key, geom, code) if pack_weight else None
         module.conv2d_forward(x.data_ptr(), x_stride, w.data_ptr(), w_stride, _ptr(bias), _ptr(residual), r_stride,
-                              out.data_ptr(), out_stride, geom, code, act_code, packed)
+                              out.data_ptr(), out_stride, geom, code, act_code, _ptr(packed))
     return launch
 
 

@@ -44,7 +44,8 @@ def launcher(op: str, tensors: tuple, options: tuple, prepare: Callable[..., Lau
     for t in tensors:
         if t is None:
             key.append(None)
-        elif type(t) in _PLAIN and not t.is_meta and not (grad and t.requires_grad):
+        elif (type(t) in _PLAIN and t.layout == torch.strided and not t.is_meta
+              and not (grad and t.requires_grad)):
             key.append((t.shape, t.stride(), t.dtype, t.device))
         else:
             return None
