@@ -109,7 +109,7 @@ def check_add_act_backward(grad, out, act) -> None:
     check_act(act, ACTS)
 
 
-@torch.library.custom_op("fastcnn::add_act_backward", mutates_args=())
+@direct.custom_op("fastcnn::add_act_backward", mutates_args=())
 def add_act_backward(grad: Tensor, out: Tensor, act: Optional[str] = "relu") -> Tensor:
     check_add_act_backward(grad, out, act)
     return _run(BACKWARD[backends.resolve(out.device)], out, grad, out, act)
@@ -130,7 +130,7 @@ def _backward(ctx, grad):
     if ctx.act is None:
         return grad, grad, None
     (out,) = ctx.saved_tensors
-    grad_in = torch.ops.fastcnn.add_act_backward(grad, out, ctx.act)
+    grad_in = direct.call("fastcnn::add_act_backward", grad, out, ctx.act)
     return grad_in, grad_in, None
 
 

@@ -143,7 +143,7 @@ def _backward_op(launch, grad_output, input, kernel_size, stride, padding, ceil_
     return grad_in
 
 
-@torch.library.custom_op("fastcnn::avg_pool2d_backward", mutates_args=(), schema=BACKWARD_SCHEMA)
+@direct.custom_op("fastcnn::avg_pool2d_backward", mutates_args=(), schema=BACKWARD_SCHEMA)
 def avg_pool2d_backward(grad_output: Tensor, input: Tensor, kernel_size: List[int], stride: List[int],
                         padding: List[int], ceil_mode: bool, count_include_pad: bool) -> Tensor:
     return _backward_op(BACKWARD[backends.resolve(input.device)], grad_output, input, kernel_size, stride, padding,
@@ -163,7 +163,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     (input,) = ctx.saved_tensors
-    return (torch.ops.fastcnn.avg_pool2d_backward(grad, input, *ctx.window),) + (None,) * 5
+    return (direct.call("fastcnn::avg_pool2d_backward", grad, input, *ctx.window),) + (None,) * 5
 
 
 avg_pool2d.register_autograd(_backward, setup_context=_setup_context)

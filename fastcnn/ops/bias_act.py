@@ -171,7 +171,7 @@ def _run_backward(launch, grad: Tensor, out: Tensor, act) -> tuple[Tensor, Tenso
     return grad_x, grad_bias
 
 
-@torch.library.custom_op("fastcnn::bias_act_backward", mutates_args=())
+@direct.custom_op("fastcnn::bias_act_backward", mutates_args=())
 def bias_act_backward(grad: Tensor, out: Tensor, act: Optional[str] = "relu") -> tuple[Tensor, Tensor]:
     check_bias_act_backward(grad, out, act)
     out = dense_in(out, memory_format_of(out))
@@ -191,7 +191,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     (out,) = ctx.saved_tensors
-    grad_x, grad_bias = torch.ops.fastcnn.bias_act_backward(grad, out, ctx.act)
+    grad_x, grad_bias = direct.call("fastcnn::bias_act_backward", grad, out, ctx.act)
     return grad_x, grad_bias, None
 
 

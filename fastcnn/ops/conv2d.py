@@ -338,7 +338,7 @@ def _run_input_grad(launch, grad, weight, input_size, stride, padding, dilation,
     return grad_x
 
 
-@torch.library.custom_op("fastcnn::conv2d_input_grad", mutates_args=())
+@direct.custom_op("fastcnn::conv2d_input_grad", mutates_args=())
 def conv2d_input_grad(grad: Tensor, weight: Tensor, input_size: list[int], stride: list[int], padding: list[int],
                       dilation: list[int], groups: int) -> Tensor:
     return _run_input_grad(INPUT_GRAD[backends.resolve(grad.device)], grad, weight, input_size, stride, padding,
@@ -414,7 +414,7 @@ def _run_weight_grad(launch, grad, input, weight_size, stride, padding, dilation
     return grad_w
 
 
-@torch.library.custom_op("fastcnn::conv2d_weight_grad", mutates_args=())
+@direct.custom_op("fastcnn::conv2d_weight_grad", mutates_args=())
 def conv2d_weight_grad(grad: Tensor, input: Tensor, weight_size: list[int], stride: list[int], padding: list[int],
                        dilation: list[int], groups: int) -> Tensor:
     return _run_weight_grad(WEIGHT_GRAD[backends.resolve(grad.device)], grad, input, weight_size, stride, padding,
@@ -447,7 +447,7 @@ def pre_activation_grad(grad: Tensor, out: Optional[Tensor], act, has_bias: bool
         return grad, None
     if act is None:
         out = grad  # only its shape and layout matter to bias_act_backward without an activation
-    grad_pre, grad_bias = torch.ops.fastcnn.bias_act_backward(grad, out, act)
+    grad_pre, grad_bias = direct.call("fastcnn::bias_act_backward", grad, out, act)
     return grad_pre, grad_bias if has_bias else None
 
 
@@ -456,9 +456,9 @@ def _backward(ctx, grad):
     grad_pre, grad_bias = pre_activation_grad(grad, out, ctx.act, ctx.has_bias and ctx.needs_input_grad[2])
     grad_input = grad_weight = None
     if ctx.needs_input_grad[0]:
-        grad_input = torch.ops.fastcnn.conv2d_input_grad(grad_pre, weight, ctx.input_shape, *ctx.conv)
+        grad_input = direct.call("fastcnn::conv2d_input_grad", grad_pre, weight, ctx.input_shape, *ctx.conv)
     if ctx.needs_input_grad[1]:
-        grad_weight = torch.ops.fastcnn.conv2d_weight_grad(grad_pre, input, ctx.weight_shape, *ctx.conv)
+        grad_weight = direct.call("fastcnn::conv2d_weight_grad", grad_pre, input, ctx.weight_shape, *ctx.conv)
     grad_residual = grad_pre if ctx.has_residual else None
     return grad_input, grad_weight, grad_bias, grad_residual, None, None, None, None, None
 

@@ -133,7 +133,7 @@ def _backward_op(launch, grad_output: Tensor, input: Tensor) -> Tensor:
     return grad_in
 
 
-@torch.library.custom_op("fastcnn::global_avg_pool2d_backward", mutates_args=())
+@direct.custom_op("fastcnn::global_avg_pool2d_backward", mutates_args=())
 def global_avg_pool2d_backward(grad_output: Tensor, input: Tensor) -> Tensor:
     return _backward_op(BACKWARD[backends.resolve(input.device)], grad_output, input)
 
@@ -150,7 +150,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     (input,) = ctx.saved_tensors
-    return torch.ops.fastcnn.global_avg_pool2d_backward(grad, input)
+    return direct.call("fastcnn::global_avg_pool2d_backward", grad, input)
 
 
 global_avg_pool2d.register_autograd(_backward, setup_context=_setup_context)

@@ -130,9 +130,9 @@ def _backward(ctx, grad):
     grad_pre, grad_bias = pre_activation_grad(grad2, out2, ctx.act, ctx.has_bias and ctx.needs_input_grad[2])
     grad_input = grad_weight = None
     if ctx.needs_input_grad[0]:
-        grad_input = torch.ops.fastcnn.linear(grad_pre, weight.t(), None, None).view(input.shape)
+        grad_input = direct.call("fastcnn::linear", grad_pre, weight.t(), None, None).view(input.shape)
     if ctx.needs_input_grad[1]:
-        grad_weight = torch.ops.fastcnn.linear(grad_pre.t(), input.reshape(m, k).t(), None, None)
+        grad_weight = direct.call("fastcnn::linear", grad_pre.t(), input.reshape(m, k).t(), None, None)
     return grad_input, grad_weight, grad_bias, None
 
 

@@ -161,7 +161,7 @@ def _backward_op(launch, grad_output: Tensor, input: Tensor, size, alpha, beta, 
     return grad_in
 
 
-@torch.library.custom_op("fastcnn::local_response_norm_backward", mutates_args=())
+@direct.custom_op("fastcnn::local_response_norm_backward", mutates_args=())
 def local_response_norm_backward(grad_output: Tensor, input: Tensor, size: int, alpha: float, beta: float,
                                  k: float) -> Tensor:
     return _backward_op(BACKWARD[backends.resolve(input.device)], grad_output, input, size, alpha, beta, k)
@@ -180,7 +180,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     (input,) = ctx.saved_tensors
-    return torch.ops.fastcnn.local_response_norm_backward(grad, input, *ctx.params), None, None, None, None
+    return direct.call("fastcnn::local_response_norm_backward", grad, input, *ctx.params), None, None, None, None
 
 
 local_response_norm.register_autograd(_backward, setup_context=_setup_context)

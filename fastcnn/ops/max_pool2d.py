@@ -190,7 +190,7 @@ def _backward_into(grad_output, indices, grad_input, params, launchers) -> None:
         launchers(dense_in(grad_output, fmt), dense_in(indices, fmt), grad_input, params)
 
 
-@torch.library.custom_op("fastcnn::max_pool2d_backward", mutates_args=(), schema=BACKWARD_SCHEMA)
+@direct.custom_op("fastcnn::max_pool2d_backward", mutates_args=(), schema=BACKWARD_SCHEMA)
 def max_pool2d_backward(grad_output, indices, input, kernel_size, stride, padding, dilation, ceil_mode):
     params = check_max_pool2d_backward(grad_output, indices, input, kernel_size, stride, padding, dilation,
                                        ceil_mode)
@@ -218,7 +218,7 @@ def _backward(ctx, grad_output, _grad_indices):
     if grad_output is None:
         return None, None, None, None, None, None
     input, indices = ctx.saved_tensors
-    grad_input = torch.ops.fastcnn.max_pool2d_backward(grad_output, indices, input, *ctx.window)
+    grad_input = direct.call("fastcnn::max_pool2d_backward", grad_output, indices, input, *ctx.window)
     return grad_input, None, None, None, None, None
 
 
