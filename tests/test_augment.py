@@ -277,6 +277,44 @@ def test_fused_empty_batch_and_single_image(backend):
     assert torch.equal(fused(backend=backend)(x[0]), fused(backend=backend)(x)[0])
 
 
+def _op_args(x, size=(5, 6), padding=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    n, c, hi, wi = x.shape
+    top = torch.randint(0, hi + 2 * padding - size[0] + 1, (n,), generator=gen)
+    left = torch.randint(0, wi + 2 * padding - size[1] + 1, (n,), generator=gen)
+    flip = torch.rand(n, generator=gen) < 0.5
+    offset = torch.randn(n, c, generator=gen, dtype=torch.float64).float()
+    return x, list(size), top, left, flip, offset, padding
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_flip_crop_offset_is_a_library_op(backend):
+    """fastcnn::flip_crop_offset: schema, fake (output strides as the real one's) and
+    the torch.compile path, through torch.library.opcheck."""
+    for layout in ("nchw", "channels_last"):
+        args = (*_op_args(images((3, 3, 7, 9), layout=layout)), backend)
+        torch.library.opcheck(torch.ops.fastcnn.flip_crop_offset.default, args,
+                              test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+def test_flip_crop_offset_compiles_fullgraph():
+    x, size, top, left, flip, offset, padding = _op_args(images((2, 3, 7, 9)))
+
+    def step(x, top, left, flip, offset):
+        return flip_crop_offset(x, size, top, left, flip, offset, padding, backend="torch") * 2
+
+    compiled = torch.compile(step, fullgraph=True)
+    assert torch.equal(compiled(x, top, left, flip, offset), step(x, top, left, flip, offset))
+
+
+def test_images_that_require_grad_are_refused():
+    x, size, top, left, flip, offset, padding = _op_args(images((2, 3, 7, 9)).requires_grad_())
+    with pytest.raises(ValueError, match="images must not require grad"):
+        flip_crop_offset(x, size, top, left, flip, offset, padding)
+    with torch.no_grad():
+        assert flip_crop_offset(x, size, top, left, flip, offset, padding).shape == (2, 3, 5, 6)
+
+
 # --- bad arguments ----------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("make,exc,match", [

@@ -6,9 +6,10 @@ image and channel (colour shift, PCA colour), so they fold into one gather + add
     out[n, c, y, x] = padded[n, c, top[n] + y, left[n] + x'] + offset[n, c]
 
 with x' = w - 1 - x for mirrored images, and offset the sum of the colour shift and
-the PCA term, computed on the host. On CUDA this runs as one Triton kernel (one
-read and one write of the batch); elsewhere as the same gather + add in torch ops.
-Both compute in float32 (float64 for float64 images) and give the same bits.
+the PCA term, computed on the host: the op fastcnn::flip_crop_offset
+(fastcnn/ops/flip_crop_offset.py). On CUDA it runs as one Triton kernel (one read
+and one write of the batch); elsewhere as the same gather + add in torch ops. Both
+compute in float32 (float64 for float64 images) and give the same bits.
 
 `FusedAugment(crop, mirror, color, pca)` takes the separate transforms (any may be
 None), draws their parameters with their own generators in that order, so it gives
@@ -18,7 +19,6 @@ transforms, up to the rounding of adding the two offsets at once.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -27,29 +27,11 @@ from torch import Tensor
 from fastcnn import backends
 from fastcnn.data.augment import (ColorShift, Compose, Params, PCAColor, RandomCrop, RandomMirror, check_images,
                                   sample_and_apply)
+from fastcnn.ops.flip_crop_offset import acc_dtype  # importing fastcnn.ops registers the op
 
 __all__ = ["FusedAugment", "flip_crop_offset"]
 
 FUSED_BACKENDS = ("torch", "triton")
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _flip_crop_offset_torch(images: Tensor, out_size, top, left, flip, offset, padding) -> Tensor:
-    n, c, hi, wi = images.shape
-    h, w = out_size
-    device = images.device
-    xs = torch.arange(w, device=device)
-    rows = top.view(n, 1) - padding + torch.arange(h, device=device)
-    cols = left.view(n, 1) - padding + torch.where(flip.view(n, 1), w - 1 - xs, xs)
-    inside = (((rows >= 0) & (rows < hi)).view(n, 1, h, 1) & ((cols >= 0) & (cols < wi)).view(n, 1, 1, w))
-    out = images.gather(2, rows.clamp(0, hi - 1).view(n, 1, h, 1).expand(n, c, h, wi))
-    out = out.gather(3, cols.clamp(0, wi - 1).view(n, 1, 1, w).expand(n, c, h, w))
-    acc = _acc_dtype(images.dtype)
-    out = torch.where(inside, out.to(acc), torch.zeros((), dtype=acc, device=device))
-    return (out + offset.view(n, c, 1, 1)).to(images.dtype)
 
 
 def flip_crop_offset(images: Tensor, size: Sequence[int], top: Tensor, left: Tensor, flip: Tensor,
@@ -81,26 +63,18 @@ def flip_crop_offset(images: Tensor, size: Sequence[int], top: Tensor, left: Ten
     if backend == "triton" and (reason := backends.why_unavailable("triton", images.device.type)):
         raise RuntimeError(f"backend 'triton' cannot run here: {reason}")
 
-    # Checked where it costs no device sync; the kernels mask their reads either way.
-    if n and not top.is_cuda and not left.is_cuda and (
+    # Checked where it costs no device sync and no graph break (torch.compile); the
+    # kernels mask their reads either way.
+    if n and not top.is_cuda and not left.is_cuda and not torch.compiler.is_compiling() and (
             top.min() < 0 or top.max() > hi + 2 * padding - h or left.min() < 0 or left.max() > wi + 2 * padding - w):
         raise ValueError("top and left must place the crop inside the padded image")
+    if torch.is_grad_enabled() and images.requires_grad:
+        raise ValueError("images must not require grad: data augmentation has no gradient (detach them first)")
     device = images.device
     top, left = top.to(device, torch.int64), left.to(device, torch.int64)
     flip = flip.to(device, torch.bool)
-    offset = offset.to(device, _acc_dtype(images.dtype)).contiguous()
-    channels_last = images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    if backend == "torch":
-        return _flip_crop_offset_torch(images, (h, w), top, left, flip, offset, padding).contiguous(memory_format=fmt)
-
-    from fastcnn.triton.augment import flip_crop_offset as launch
-
-    out = torch.empty((n, c, h, w), dtype=images.dtype, device=device, memory_format=fmt)
-    if out.numel():
-        with torch.cuda.device(device) if images.is_cuda else contextlib.nullcontext():
-            launch(images, out, top.to(torch.int32), left.to(torch.int32), flip.to(torch.int32), offset, padding)
-    return out
+    offset = offset.to(device, acc_dtype(images.dtype)).contiguous()
+    return torch.ops.fastcnn.flip_crop_offset(images, [h, w], top, left, flip, offset, padding, backend)
 
 
 class FusedAugment:

@@ -46,6 +46,9 @@ def _eager_triton(launch):
     return run
 
 
-def backend_table(*, torch, cpu, cuda, triton) -> dict:
-    """The launcher per backend name, each wrapped as its backend needs."""
-    return {"torch": torch, "cpu": cpu, "cuda": _on_tensor_device(cuda), "triton": _eager_triton(triton)}
+def backend_table(*, torch, cpu=None, cuda=None, triton=None) -> dict:
+    """The launcher per backend name, each wrapped as its backend needs; a backend an
+    op has no implementation in (None) is left out."""
+    table = {"torch": torch, "cpu": cpu, "cuda": cuda and _on_tensor_device(cuda),
+             "triton": triton and _eager_triton(triton)}
+    return {name: launch for name, launch in table.items() if launch is not None}
