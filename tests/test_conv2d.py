@@ -157,11 +157,12 @@ def test_epilogues(backend_device, act, bias, residual):
 
 @pytest.mark.parametrize("act", ["tanh", "sigmoid"])
 @pytest.mark.parametrize("k", [1, 4, 5, 6, 8, 9, 16, 17, 33])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 def test_epilogue_at_every_tile_width(backend_device, act, k, dtype):
-    """Output channel counts that fill a CPU micro-tile's columns (16 float, 8 double)
-    partly, up to one vector (the half-width micro-kernel), exactly and past it; the
-    tanh/sigmoid epilogue works on whole vectors of the tile."""
+    """Output channel counts that fill a CPU micro-tile's columns (16 float, 8 double;
+    the 16-bit types accumulate in float) partly, up to one vector (the half-width
+    micro-kernel), exactly and past it; the tanh/sigmoid epilogue works on whole
+    vectors of the tile."""
     backend, device = backend_device
     if dtype == torch.float64 and device == "cuda" and backend != "triton":
         pytest.skip("float64 runs on cpu, torch and triton")
