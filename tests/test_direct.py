@@ -52,3 +52,29 @@ def test_direct_and_dispatched_calls_agree_and_ops_stay_visible():
     with torch.no_grad():
         F.conv2d(x, w, b, padding=1, act="relu", out=out, channel_offset=6)
     assert torch.equal(out[:, 6:], direct_out)
+
+
+def test_calls_needing_a_gradient_run_the_ops_formulas_without_the_dispatcher():
+    """Where a gradient is wanted, direct.call applies a torch.autograd.Function made of
+    the op's registered backward: same outputs and gradients as the op itself."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 9, 9, generator=gen, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, generator=gen, requires_grad=True)
+    b = torch.randn(4, generator=gen, requires_grad=True)
+    r = torch.randn(2, 4, 9, 9, generator=gen, requires_grad=True)
+    y = F.conv2d(x, w, b, padding=1, residual=r, act="tanh")
+    assert type(y.grad_fn).__name__ == "fastcnn_conv2d_functionBackward"
+    via_op = torch.ops.fastcnn.conv2d(x, w, b, r, [1, 1], [1, 1, 1, 1], [1, 1], 1, "tanh")
+    assert type(via_op.grad_fn).__name__ != type(y.grad_fn).__name__
+    assert torch.equal(y, via_op)
+    g = torch.randn(y.shape, generator=gen)
+    for got, expected in zip(torch.autograd.grad(y, (x, w, b, r), g), torch.autograd.grad(via_op, (x, w, b, r), g)):
+        assert torch.equal(got, expected)
+    with torch.device("cpu"):  # a mode: the op itself
+        assert type(F.conv2d(x, w, b, padding=1).grad_fn).__name__ != type(y.grad_fn).__name__
+
+
+def test_double_backward_through_the_direct_function():
+    x = torch.randn(2, 5, 6, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: F.avg_pool2d(t, 3, 2, 1), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: F.global_avg_pool2d(t), (x,))

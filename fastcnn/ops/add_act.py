@@ -134,7 +134,7 @@ def _backward(ctx, grad):
     return grad_in, grad_in, None
 
 
-add_act.register_autograd(_backward, setup_context=_setup_context)
+direct.register_autograd(add_act, "fastcnn::add_act", _backward, _setup_context)
 
 
 # --- Triton twins that torch.compile traces into (see triton_route.py)

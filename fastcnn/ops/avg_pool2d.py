@@ -166,7 +166,7 @@ def _backward(ctx, grad):
     return (direct.call("fastcnn::avg_pool2d_backward", grad, input, *ctx.window),) + (None,) * 5
 
 
-avg_pool2d.register_autograd(_backward, setup_context=_setup_context)
+direct.register_autograd(avg_pool2d, "fastcnn::avg_pool2d", _backward, _setup_context)
 
 
 # The backward is linear in grad_output and is the forward's transpose, so its own

@@ -195,7 +195,7 @@ def _backward(ctx, grad):
     return grad_x, grad_bias, None
 
 
-bias_act.register_autograd(_backward, setup_context=_setup_context)
+direct.register_autograd(bias_act, "fastcnn::bias_act", _backward, _setup_context)
 
 
 # --- Triton twins that torch.compile traces into (see triton_route.py)

@@ -463,7 +463,7 @@ def _backward(ctx, grad):
     return grad_input, grad_weight, grad_bias, grad_residual, None, None, None, None, None
 
 
-conv2d.register_autograd(_backward, setup_context=_setup_context)
+direct.register_autograd(conv2d, "fastcnn::conv2d", _backward, _setup_context)
 
 
 # --- Triton twins that torch.compile traces into (see triton_route.py)

@@ -153,7 +153,7 @@ def _backward(ctx, grad):
     return direct.call("fastcnn::global_avg_pool2d_backward", grad, input)
 
 
-global_avg_pool2d.register_autograd(_backward, setup_context=_setup_context)
+direct.register_autograd(global_avg_pool2d, "fastcnn::global_avg_pool2d", _backward, _setup_context)
 
 
 # The backward is the forward's transpose: its gradient (double backward) is the

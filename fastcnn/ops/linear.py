@@ -136,7 +136,7 @@ def _backward(ctx, grad):
     return grad_input, grad_weight, grad_bias, None
 
 
-linear.register_autograd(_backward, setup_context=_setup_context)
+direct.register_autograd(linear, "fastcnn::linear", _backward, _setup_context)
 
 
 @torch.library.triton_op("fastcnn::linear_triton", mutates_args=())

@@ -183,7 +183,7 @@ def _backward(ctx, grad):
     return direct.call("fastcnn::local_response_norm_backward", grad, input, *ctx.params), None, None, None, None
 
 
-local_response_norm.register_autograd(_backward, setup_context=_setup_context)
+direct.register_autograd(local_response_norm, "fastcnn::local_response_norm", _backward, _setup_context)
 
 
 # --- Triton twins that torch.compile traces into (see triton_route.py)
