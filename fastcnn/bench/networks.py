@@ -153,9 +153,9 @@ def first_result(fn):
 def run_network(net: str, mode: str, batch: int, dtype: torch.dtype, device: torch.device, backend: str,
                 with_compile: bool) -> NetRow:
     """Times fastcnn, eager in both layouts and (with_compile) torch.compile in
-    interleaved rounds (timing.time_ms_interleaved): about a second each, 3 to 200
+    interleaved rounds (timing.time_ms_interleaved): about a second each, 5 to 200
     samples (a batch-1 LeNet-5 call takes ~0.2 ms on a CPU, a batch-8 VGG-16 call
-    seconds)."""
+    seconds; with 3, one slow spell of the machine could move a median by 2x)."""
     w = workload(net, mode, batch, dtype, device)
     eager = {layout: contender(w, "eager", channels_last=layout == "channels_last")
              for layout in ("nchw", "channels_last")}
@@ -170,7 +170,7 @@ def run_network(net: str, mode: str, batch: int, dtype: torch.dtype, device: tor
     with fastcnn.use_backend(backend):  # eager and compiled PyTorch run no fastcnn op
         contenders["fastcnn"] = fn = contender(w, "fastcnn")
         got = first_result(fn)
-        ms = time_ms_interleaved(contenders, device)
+        ms = time_ms_interleaved(contenders, device, min_repeats=5)
     eager_layout = min(eager, key=lambda layout: ms[f"eager-{layout}"])
     return NetRow(net, mode, batch, str(dtype).removeprefix("torch."), backend, ms["fastcnn"],
                   ms[f"eager-{eager_layout}"], eager_layout, ms.get("compile"), close(got, expected, dtype))
