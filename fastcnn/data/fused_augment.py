@@ -24,10 +24,11 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+import fastcnn.ops  # noqa: F401  (registers torch.ops.fastcnn.flip_crop_offset)
 from fastcnn import backends
 from fastcnn.data.augment import (ColorShift, Compose, Params, PCAColor, RandomCrop, RandomMirror, check_images,
                                   sample_and_apply)
-from fastcnn.ops.flip_crop_offset import acc_dtype  # importing fastcnn.ops registers the op
+from fastcnn.ops.precision import acc_dtype
 
 __all__ = ["FusedAugment", "flip_crop_offset"]
 

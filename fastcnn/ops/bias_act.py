@@ -26,6 +26,7 @@ from fastcnn.ops.launch import backend_table
 from fastcnn.ops.layout import dense_in, memory_format_of, new_like
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
 from fastcnn.ops import direct
+from fastcnn.ops.precision import acc_dtype
 
 ACTS = (None, "relu", "tanh", "sigmoid")
 
@@ -46,9 +47,6 @@ def channel_view(t: Tensor) -> tuple[int, int]:
     return t.shape[1], math.prod(t.shape[2:])
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
 
 def _broadcast_shape(x: Tensor) -> list[int]:
     return [1, -1] + [1] * (x.dim() - 2)
@@ -61,7 +59,7 @@ def _torch_act(y: Tensor, act) -> Tensor:
 
 
 def _torch_bias_act(x, bias, out, act):
-    y = x.to(_acc_dtype(x.dtype)) + bias.to(_acc_dtype(x.dtype)).view(_broadcast_shape(x))
+    y = x.to(acc_dtype(x.dtype)) + bias.to(acc_dtype(x.dtype)).view(_broadcast_shape(x))
     out.copy_(_torch_act(y, act))
 
 
@@ -110,7 +108,7 @@ def _(x, bias, act="relu"):
 # Kernels: (grad, out, grad_x, grad_bias, act), grad dense in out's layout.
 
 def _torch_bias_act_backward(grad, out, grad_x, grad_bias, act):
-    acc = _acc_dtype(out.dtype)
+    acc = acc_dtype(out.dtype)
     g, y = grad.to(acc), out.to(acc)
     if act == "relu":
         gx = torch.ops.aten.threshold_backward(g, y, 0)
@@ -135,7 +133,7 @@ def _cuda_bias_act_backward(grad, out, grad_x, grad_bias, act):
     channels, inner = channel_view(out)
     module = _native.load("_cuda")
     workspace = torch.empty(module.bias_act_backward_workspace(out.numel(), channels, inner),
-                            dtype=_acc_dtype(out.dtype), device=out.device)
+                            dtype=acc_dtype(out.dtype), device=out.device)
     module.bias_act_backward(grad.data_ptr(), out.data_ptr(), grad_x.data_ptr(), grad_bias.data_ptr(),
                              workspace.data_ptr(), out.numel(), channels, inner, _native.dtype_code(out),
                              _native.ACT_CODES[act], _native.stream_of(out))

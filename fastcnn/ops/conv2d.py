@@ -37,6 +37,7 @@ from fastcnn.ops.layout import memory_format_of, new_like
 from fastcnn.ops.packed_weights import packed_conv_weight
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
 from fastcnn.ops import direct
+from fastcnn.ops.precision import acc_dtype
 
 ACTS = (None, "relu", "tanh", "sigmoid")
 
@@ -60,9 +61,6 @@ def check_conv2d(input, weight, bias, residual, stride, padding, dilation, group
 def output_shape(input, weight, params: ConvParams) -> tuple[int, int, int, int]:
     return (input.shape[0], weight.shape[0], *params.output_hw(*input.shape[2:], *weight.shape[2:]))
 
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _ptr(t: Optional[Tensor]) -> int:
@@ -118,9 +116,9 @@ def _bind_cpu_conv2d(x, w, residual, out, params, act, pack_weight=False):
     CPU). A 1x1 kernel reads NCHW well as it is."""
     module, geom = _native.load("_cpu"), geometry(params, x.shape, w.shape)
     to_channels_last = w.shape[2] * w.shape[3] > 1 and not x.is_contiguous(memory_format=torch.channels_last)
-    if to_channels_last:
-        x = torch.empty(x.shape, dtype=x.dtype, device="meta", memory_format=torch.channels_last)
-    x_stride, w_stride = list(x.stride()), list(w.stride())
+    n, c, h, width = x.shape
+    x_stride = [h * width * c, 1, width * c, c] if to_channels_last else list(x.stride())
+    w_stride = list(w.stride())
     r_stride, out_stride = _strides(residual), list(out.stride())
     code, act_code = _native.dtype_code(out), _native.ACT_CODES[act]
     w_key = tuple(w_stride)

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 _BODIES: dict[str, Callable] = {}
+_AUTOGRAD: dict[str, type] = {}  # register_autograd's Functions, by op name
 
 
 def custom_op(name: str, **kwargs):
@@ -53,8 +54,6 @@ def register_autograd(op, name: str, backward: Callable, setup_context: Callable
         "backward": staticmethod(backward),
     })
 
-
-_AUTOGRAD: dict[str, type] = {}
 
 
 def _grad_wanted(args) -> bool | None:

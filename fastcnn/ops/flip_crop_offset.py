@@ -21,13 +21,11 @@ from torch import Tensor
 
 from fastcnn.ops.launch import backend_table
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
+from fastcnn.ops.precision import acc_dtype
 
 SCHEMA = ("(Tensor images, SymInt[2] size, Tensor top, Tensor left, Tensor flip, Tensor offset, int padding, "
           "str backend) -> Tensor")
 
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def memory_format(images: Tensor) -> torch.memory_format:

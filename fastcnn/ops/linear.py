@@ -23,8 +23,9 @@ from torch import Tensor
 
 from fastcnn import _native, backends
 from fastcnn.ops.checks import check_act, check_layer_bias, check_matches, check_tensor
-from fastcnn.ops.conv2d import acc_dtype, pre_activation_grad, torch_act
+from fastcnn.ops.conv2d import pre_activation_grad, torch_act
 from fastcnn.ops.launch import backend_table
+from fastcnn.ops.precision import acc_dtype
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
 from fastcnn.ops import direct, prepared
 

@@ -26,6 +26,7 @@ from fastcnn.ops.launch import backend_table
 from fastcnn.ops.layout import dense_in, memory_format_of, new_like
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
 from fastcnn.ops import direct
+from fastcnn.ops.precision import acc_dtype
 
 
 def check_lrn_params(size, alpha, beta, k) -> None:
@@ -42,9 +43,6 @@ def check_local_response_norm(input, size, alpha, beta, k) -> None:
     check_tensor("input", input, ndim=4)
     check_lrn_params(size, alpha, beta, k)
 
-
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def channel_stride(t: Tensor) -> int:

@@ -29,27 +29,18 @@ Launcher = Callable[..., torch.Tensor]
 
 _PREPARED: dict[tuple, Launcher | None] = {}
 _MAX_PREPARED = 4096
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def launcher(op: str, tensors: tuple, options: tuple, prepare: Callable[..., Launcher | None]) -> Launcher | None:
     """The launcher for `op` called with `tensors` (each a tensor or None) and
     `options` (everything else), from prepare(*tensors, *options) on first use; None
     where the call must take the op's usual path."""
-    if direct.modes_active():
-        return None
-    grad = torch.is_grad_enabled()
+    if (any(t is not None and not isinstance(t, torch.Tensor) for t in tensors)
+            or direct.dispatcher_needed(tensors)):
+        return None  # not a tensor: the usual path names the argument
     selected = backends.selected_backend()
-    key = [op, selected, os.environ.get("TRITON_INTERPRET") if selected == "triton" else None, repr(options)]
-    for t in tensors:
-        if t is None:
-            key.append(None)
-        elif (type(t) in _PLAIN and t.layout == torch.strided and not t.is_meta
-              and not (grad and t.requires_grad)):
-            key.append((t.shape, t.stride(), t.dtype, t.device))
-        else:
-            return None
-    key = tuple(key)
+    key = (op, selected, os.environ.get("TRITON_INTERPRET") if selected == "triton" else None, repr(options),
+           *(None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in tensors))
     try:
         return _PREPARED[key]
     except KeyError:
