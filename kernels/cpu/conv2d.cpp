@@ -347,6 +347,25 @@ struct ConvForward {
       for (int64_t j = ncols; j < NR; ++j) d[j] = F(0);
     }
   }
+  // The residual's and the output's cache lines of a tile: channels_last rows are
+  // short runs a whole row of channels apart, which the hardware prefetchers miss.
+  FASTCNN_ALWAYS_INLINE void prefetch_store(int64_t g, const Row* rows, int64_t nrows, int64_t n0,
+                                            int64_t ncols) const {
+    const int64_t k0 = g * Kg + n0;
+    for (int64_t i = 0; i < nrows; ++i) {
+      const Pixel& p = rows[i];
+      if (residual != nullptr && rs[1] == 1) {
+        const T* res = residual + p.n * rs[0] + k0 + p.y * rs[2] + p.x * rs[3];
+        __builtin_prefetch(res);
+        __builtin_prefetch(res + ncols - 1);
+      }
+      if (os[1] == 1) {
+        T* o = out + p.n * os[0] + k0 + p.y * os[2] + p.x * os[3];
+        __builtin_prefetch(o, 1);
+        __builtin_prefetch(o + ncols - 1, 1);
+      }
+    }
+  }
   FASTCNN_ALWAYS_INLINE void store(int64_t g, const Row* rows, int64_t nrows, int64_t n0, int64_t ncols,
                                    F* tile) const {
     const int64_t k0 = g * Kg + n0;

@@ -15,6 +15,8 @@
 //   void pack_b(g, n0, ncols, k0, kl, F* dst);   [kl][NR], columns past ncols zero
 //   void store(g, const Row* rows, nrows, n0, ncols, F* tile);   tile [MR][NR], scratch the
 //       epilogue may work in (activate_tile)
+//   optionally void prefetch_store(g, const Row* rows, nrows, n0, ncols);   asks for the
+//       memory store() will touch, so that it arrives while the tile's last K block runs
 // Every output tile is owned by one thread and reduces its K blocks in order, so
 // results are the same bits on any thread count (K blocking depends on the shape,
 // dtype and layout only; the M/N split, which may follow the thread count, does not
@@ -26,6 +28,7 @@
 #include <cstring>
 #include <new>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "act_vector.h"
@@ -296,6 +299,13 @@ FASTCNN_ALWAYS_INLINE void pack_b_body(const Problem* prob, const Plan* plan, ac
 }
 FASTCNN_ISA_VARIANTS(gemm_pack_b, pack_b_body)
 
+// Whether Problem has prefetch_store (an optional part of the interface).
+template <class Problem, class = void> struct has_prefetch_store : std::false_type {};
+template <class Problem>
+struct has_prefetch_store<Problem, std::void_t<decltype(std::declval<const Problem&>().prefetch_store(
+                                       int64_t(0), static_cast<const typename Problem::Row*>(nullptr), int64_t(0),
+                                       int64_t(0), int64_t(0)))>> : std::true_type {};
+
 template <class T, class Problem>
 FASTCNN_ALWAYS_INLINE void tiles_body(const Problem* prob, const Plan* plan, const acc_t<T>* packed_b,
                                       int64_t begin, int64_t end) {
@@ -336,6 +346,11 @@ FASTCNN_ALWAYS_INLINE void tiles_body(const Problem* prob, const Plan* plan, con
           F* tile = c_buf.get() + (ip * np + jp) * (MR * NR);
           const APanel<F>& a = panels[size_t(ip)];
           const bool half = std::min<int64_t>(NR, ncols - jp * NR) <= kLanes<F>;
+          if constexpr (has_prefetch_store<Problem>::value) {
+            if (last)
+              prob->prefetch_store(g, rows.data() + ip * MR, std::min<int64_t>(MR, mrows - ip * MR), n0 + jp * NR,
+                                   std::min<int64_t>(NR, ncols - jp * NR));
+          }
           if (a.ptr == nullptr) {
             if (!accumulate) std::memset(tile, 0, sizeof(F) * MR * NR);
           } else if (a.cs == 1) {
