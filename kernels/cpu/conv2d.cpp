@@ -413,6 +413,17 @@ struct ConvInputGrad {
       for (int64_t j = ncols; j < NR; ++j) d[j] = F(0);
     }
   }
+  FASTCNN_ALWAYS_INLINE void prefetch_store(int64_t g, const Row* rows, int64_t nrows, int64_t n0,
+                                            int64_t ncols) const {
+    if (gs[1] != 1) return;
+    const int64_t c0 = g * Cg + n0;
+    for (int64_t i = 0; i < nrows; ++i) {
+      const Pixel& p = rows[i];
+      T* o = grad_x + p.n * gs[0] + c0 + p.y * gs[2] + p.x * gs[3];
+      __builtin_prefetch(o, 1);
+      __builtin_prefetch(o + ncols - 1, 1);
+    }
+  }
   FASTCNN_ALWAYS_INLINE void store(int64_t g, const Row* rows, int64_t nrows, int64_t n0, int64_t ncols,
                                    F* tile) const {
     const int64_t c0 = g * Cg + n0;
@@ -509,7 +520,9 @@ struct ConvWeightGrad {
         const int64_t y = y0 + dy[0], xx = x0 + dx[0];
         if (y >= 0 && y < H && xx >= 0 && xx < W) {
           const T* s = xn + y * xs[2] + xx * xs[3] + coff[0];
-          if (xs[1] == 1) {
+          if (xs[1] == 1 && ncols == NR) {  // a fixed-size copy: two vectors, where a run of unknown length was a memmove call
+            for (int64_t j = 0; j < NR; ++j) d[j] = F(to_float(s[j]));
+          } else if (xs[1] == 1) {
             for (int64_t j = 0; j < ncols; ++j) d[j] = F(to_float(s[j]));
           } else {
             for (int64_t j = 0; j < ncols; ++j) d[j] = F(to_float(s[j * xs[1]]));
