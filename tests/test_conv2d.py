@@ -170,6 +170,32 @@ def test_epilogue_at_every_tile_width(backend_device, act, k, dtype):
                             residual=False, grads=False)
 
 
+BY_CHANNEL = [Conv("lenet_conv1", 2, 1, 32, 32, 6, (5, 5)),
+              Conv("row_runs_padded", 2, 1, 9, 30, 16, (3, 3), padding=1),
+              Conv("stride2_dilated", 2, 1, 13, 17, 5, (3, 3), stride=2, padding=2, dilation=2),
+              Conv("groups_of_8", 2, 2, 7, 11, 16, (3, 3), padding=1, groups=2)]
+
+
+@pytest.mark.parametrize("conv", BY_CHANNEL, ids=str)
+@pytest.mark.parametrize("act", ["relu", "tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_cpu_forward_by_channel(conv, act, dtype):
+    """NCHW output with one input and at most 16 output channels per group: the CPU
+    forward makes output channels the GEMM rows and packs runs of output rows as
+    columns (panels that cross rows, padding, stride 2 with dilation, groups)."""
+    if "cpu" not in fastcnn.available_backends("cpu"):
+        pytest.skip("fastcnn._cpu is not built")
+    from fastcnn import _native
+    from fastcnn.ops.conv_geometry import conv_params, geometry
+    x, w, _, _ = inputs(conv, dtype, "cpu", "nchw")
+    out = torch.empty(out_shape(conv), dtype=dtype)
+    params = conv_params(x, w, conv.stride, conv.padding, conv.dilation, conv.groups)
+    assert _native.load("_cpu").conv2d_forward_by_channel(geometry(params, x.shape, w.shape), list(x.stride()),
+                                                          list(out.stride()))
+    with fastcnn.use_backend("cpu"):
+        check_forward_and_grads(conv, dtype, "cpu", "nchw", act, grads=False)
+
+
 def test_float64(backend_device):
     backend, device = backend_device
     if device == "cuda" and backend != "triton":

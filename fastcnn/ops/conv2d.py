@@ -113,13 +113,18 @@ def _bind_cpu_conv2d(x, w, residual, out, params, act, pack_weight=False):
     taps lie back to back; other input is copied to channels_last first, which costs
     less than gathering each pixel's channels a plane apart (LeNet-5's 6->16 5x5
     conv at batch 8: 124 -> 87 us; a 3->64 7x7 one 15.5 -> 11.3 ms on this 2-core
-    CPU). A 1x1 kernel reads NCHW well as it is."""
+    CPU). A 1x1 kernel reads NCHW well as it is, and so does the forward that makes
+    output channels the GEMM rows (conv2d_forward_by_channel: NCHW output, one input
+    channel per group, LeNet-5's first layer), which packs no weight either."""
     module, geom = _native.load("_cpu"), geometry(params, x.shape, w.shape)
-    to_channels_last = w.shape[2] * w.shape[3] > 1 and not x.is_contiguous(memory_format=torch.channels_last)
+    r_stride, out_stride = _strides(residual), list(out.stride())
+    by_channel = module.conv2d_forward_by_channel(geom, list(x.stride()), out_stride)
+    to_channels_last = (w.shape[2] * w.shape[3] > 1 and not by_channel
+                        and not x.is_contiguous(memory_format=torch.channels_last))
+    pack_weight = pack_weight and not by_channel
     n, c, h, width = x.shape
     x_stride = [h * width * c, 1, width * c, c] if to_channels_last else list(x.stride())
     w_stride = list(w.stride())
-    r_stride, out_stride = _strides(residual), list(out.stride())
     code, act_code = _native.dtype_code(out), _native.ACT_CODES[act]
     w_key = tuple(w_stride)
 

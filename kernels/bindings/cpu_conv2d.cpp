@@ -23,6 +23,12 @@ void bind_cpu_conv2d(py::module_& m) {
   }, py::arg("x"), py::arg("x_stride"), py::arg("w"), py::arg("w_stride"), py::arg("bias"), py::arg("residual"),
      py::arg("residual_stride"), py::arg("out"), py::arg("out_stride"), py::arg("geometry"), py::arg("dtype"),
      py::arg("act"), py::arg("packed_w") = 0);
+  m.def("conv2d_forward_by_channel", [](const std::vector<int64_t>& geometry, const Strides& xs, const Strides& os) {
+    int64_t x_stride[4], o_stride[4];
+    strides4_from_list(xs, x_stride);
+    strides4_from_list(os, o_stride);
+    return cpu::conv2d_forward_by_channel(conv_geometry_from_list(geometry), x_stride, o_stride);
+  }, py::arg("geometry"), py::arg("x_stride"), py::arg("out_stride"));
   m.def("conv2d_packed_weight_bytes", [](const std::vector<int64_t>& geometry, int dtype) {
     return cpu::conv2d_packed_weight_bytes(conv_geometry_from_list(geometry), dtype);
   });

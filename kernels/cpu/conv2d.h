@@ -7,6 +7,10 @@
 #include "fastcnn/conv_geometry.h"
 
 namespace fastcnn::cpu {
+// Whether conv2d_forward computes this call with output channels as GEMM rows (NCHW
+// output, input dense along W, one input and at most 16 output channels per group):
+// it then reads the input as it is (no channels_last copy) and ignores packed_w.
+bool conv2d_forward_by_channel(const ConvGeometry& g, const int64_t* x_stride, const int64_t* out_stride);
 // packed_w: the weight as conv2d_pack_weight left it, or null to pack it in the call.
 void conv2d_forward(const void* x, const int64_t* x_stride, const void* w, const int64_t* w_stride,
                     const void* bias, const void* residual, const int64_t* residual_stride, void* out,
