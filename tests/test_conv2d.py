@@ -177,12 +177,12 @@ BY_CHANNEL = [Conv("lenet_conv1", 2, 1, 32, 32, 6, (5, 5)),
 
 
 @pytest.mark.parametrize("conv", BY_CHANNEL, ids=str)
-@pytest.mark.parametrize("act", ["relu", "tanh"])
+@pytest.mark.parametrize("act, residual", [("relu", True), ("tanh", True), ("tanh", False), ("sigmoid", False)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-def test_cpu_forward_by_channel(conv, act, dtype):
+def test_cpu_forward_by_channel(conv, act, residual, dtype):
     """NCHW output with one input and at most 16 output channels per group: the CPU
-    forward makes output channels the GEMM rows and packs runs of output rows as
-    columns (panels that cross rows, padding, stride 2 with dilation, groups)."""
+    forward's direct kernel (rows whose last block is shifted back, padding, stride 2
+    with dilation, groups; tanh/sigmoid on whole vectors without a residual)."""
     if "cpu" not in fastcnn.available_backends("cpu"):
         pytest.skip("fastcnn._cpu is not built")
     from fastcnn import _native
@@ -193,7 +193,7 @@ def test_cpu_forward_by_channel(conv, act, dtype):
     assert _native.load("_cpu").conv2d_forward_by_channel(geometry(params, x.shape, w.shape), list(x.stride()),
                                                           list(out.stride()))
     with fastcnn.use_backend("cpu"):
-        check_forward_and_grads(conv, dtype, "cpu", "nchw", act, grads=False)
+        check_forward_and_grads(conv, dtype, "cpu", "nchw", act, residual=residual, grads=False)
 
 
 def test_float64(backend_device):

@@ -750,218 +750,133 @@ void input_grad_by_cols(const T* grad, const int64_t* gs, const T* w, const int6
   }
 }
 
-// Forward with output channels as GEMM rows and output pixels as columns, for NCHW
-// output (and input dense along W) with one input channel and at most
-// kByChannelMaxK output channels per group (LeNet-5's 1->6 5x5): pixel-major tiles
-// would fill 16-wide vectors with 6 channels and store each value a plane apart,
-// where here a tile row is 16 pixels of one channel, stored as runs of output rows.
-// k = (c, r, s); B (the input, 16 pixels per panel) is packed per block, a run of
-// an input row per output row; A is the weight, converted once per call into rows
-// of K. LeNet-5's 1->6 5x5 at batch 8 (tanh): 205 -> 105 us on the 2-core CPU. With
-// more input channels (its 6->16 5x5: 67 us the usual way, 87 us this way) K grows
-// and the pixel-major GEMM on channels_last input wins.
+// Direct forward for NCHW output (input dense along W) with one input channel and
+// at most kByChannelMaxK output channels per group (LeNet-5's 1->6 5x5): a GEMM
+// would make K = R*S tiny and either fill 16-wide vectors with 6 channels and store
+// each value a plane apart (pixel-major) or spend its time packing (pixel columns).
+// Here each task is an output row; NR pixels of it (two vectors) are read straight
+// from the input rows, one pair of loads per tap, and MR output channels accumulate
+// in registers (each tap's weight broadcast). The epilogue stores whole runs of a
+// channel's row. LeNet-5's 1->6 5x5 on the 2-core CPU, batch 8: relu 110 -> 43 us,
+// tanh 205 -> 73 us (eager 99 and 146 us); batch 256: 2.0 -> 0.76 ms (eager 1.5).
+// With more input channels (its 6->16 5x5) the pixel-major GEMM on channels_last
+// input is faster.
 constexpr int64_t kByChannelMaxK = 16;
 
-// dst[0, len) = src[0, len) as F, len <= NR. Where no conversion is needed, a run
-// of unknown length is copied as fixed-size 32- or 16-byte blocks, the last one
-// overlapping the one before: a copy loop of unknown length compiled to a memmove
-// call, or to scalar moves, cost more than the GEMM it feeds.
-template <class T, int NR>
-FASTCNN_ALWAYS_INLINE void copy_run(acc_t<T>* dst, const T* src, int64_t len) {
-  using F = acc_t<T>;
-  if constexpr (std::is_same_v<T, F>) {
-    constexpr int64_t kWide = 32 / int64_t(sizeof(F)), kNarrow = kWide / 2;
-    if (len >= kWide) {
-      for (int64_t j = 0; j + kWide <= len; j += kWide) std::memcpy(dst + j, src + j, 32);
-      std::memcpy(dst + len - kWide, src + len - kWide, 32);
-      return;
-    }
-    if (len >= kNarrow) {
-      std::memcpy(dst, src, 16);
-      std::memcpy(dst + len - kNarrow, src + len - kNarrow, 16);
-      return;
-    }
-  }
-  for (int64_t j = 0; j < len; ++j) {
-    dst[j] = F(to_float(src[j]));
-    asm("" : "+r"(j));  // keeps the loop a loop
-  }
-}
-
 template <class T>
-struct ConvForwardByChannel {
-  using F = acc_t<T>;
-  struct Row {
-    int64_t m;  // output channel within the group
-  };
-  static constexpr bool kPrepackB = false;
-  static constexpr int NR = gemm::kNR<F>;
-  int64_t groups, M, N, K, k_run, k_align;
-  const F* w_rows;  // [groups * Kg + MR][K]: the weight as F, then MR rows of zeros
+struct ByChannelForward {
   const T* x;
   const int64_t* xs;
+  const acc_t<T>* taps;  // [round_up(K, MR)][R * S]: the weight as acc_t, zero rows past K
   const T* bias;
   const T* residual;
   const int64_t* rs;
   T* out;
   const int64_t* os;
-  int64_t Cg, Kg, R, S, H, W, OH, OW, sh, sw, ph, pw, dh, dw;
+  const ConvGeometry* g;
   Act act;
-
-  FASTCNN_ALWAYS_INLINE void rows(int64_t m0, int64_t count, Row* r) const {
-    for (int64_t i = 0; i < count; ++i) r[i].m = m0 + i;
-  }
-  // In place: a partial panel at a group's end reads the next group's rows (or the
-  // zero rows), whose results store() never writes.
-  FASTCNN_ALWAYS_INLINE void a_block(int64_t g, const Row* rows, int64_t nrows, int64_t k0, int64_t, F*,
-                                     APanel<F>* panels) const {
-    for (int64_t ip = 0; ip * MR < nrows; ++ip)
-      panels[ip] = {w_rows + (g * Kg + rows[0].m + ip * MR) * K + k0, K, 1};
-  }
-  FASTCNN_ALWAYS_INLINE Pixel pixel(int64_t p) const {
-    Pixel q{};
-    q.x = p % OW;
-    p /= OW;
-    q.y = p % OH;
-    q.n = p / OH;
-    return q;
-  }
-  // B[(c, r, s)][p] = x[n, g * Cg + c, oh * sh - ph + r * dh, ow * sw - pw + s * dw]:
-  // the panel's pixels split into runs along output rows, each run one strided read
-  // of an input row (bounds checked per element only where it crosses the padding).
-  FASTCNN_ALWAYS_INLINE void pack_b(int64_t g, int64_t n0, int64_t ncols, int64_t k0, int64_t kl, F* dst) const {
-    int64_t run_j[NR], run_len[NR], run_off[NR], run_y[NR], run_x[NR];
-    int64_t runs = 0;
-    Pixel q = pixel(n0);
-    for (int64_t j = 0; j < ncols; ++runs) {
-      run_j[runs] = j;
-      run_len[runs] = std::min(ncols - j, OW - q.x);
-      run_off[runs] = q.n * xs[0] + (g * Cg) * xs[1];
-      run_y[runs] = q.y * sh - ph;
-      run_x[runs] = q.x * sw - pw;
-      j += run_len[runs];
-      q.x = 0;
-      if (++q.y == OH) {
-        q.y = 0;
-        ++q.n;
-      }
-    }
-    const int64_t step = sw * xs[3];
-    int64_t c = k0 / (R * S), r = (k0 / S) % R, s = k0 % S;
-    for (int64_t t = 0; t < kl; ++t) {
-      F* d = dst + t * NR;
-      const int64_t dy = r * dh, dx = s * dw, coff = c * xs[1];
-      for (int64_t u = 0; u < runs; ++u) {
-        F* dr = d + run_j[u];
-        const int64_t len = run_len[u], y = run_y[u] + dy, x0 = run_x[u] + dx;
-        if (y < 0 || y >= H) {
-          for (int64_t j = 0; j < len; ++j) dr[j] = F(0);
-          continue;
-        }
-        const T* row = x + run_off[u] + coff + y * xs[2];
-        if (x0 >= 0 && x0 + (len - 1) * sw < W) {
-          const T* src = row + x0 * xs[3];
-          if (step == 1) {
-            copy_run<T, NR>(dr, src, len);
-          } else {
-            for (int64_t j = 0; j < len; ++j) dr[j] = F(to_float(src[j * step]));
-          }
-        } else {
-          for (int64_t j = 0; j < len; ++j) {
-            const int64_t xx = x0 + j * sw;
-            dr[j] = (xx >= 0 && xx < W) ? F(to_float(row[xx * xs[3]])) : F(0);
-          }
-        }
-      }
-      for (int64_t j = ncols; j < NR; ++j) d[j] = F(0);
-      if (++s == S) {
-        s = 0;
-        if (++r == R) {
-          r = 0;
-          ++c;
-        }
-      }
-    }
-  }
-  // Tile row i = channel rows[i].m; its columns are pixels, stored as runs within output rows.
-  FASTCNN_ALWAYS_INLINE void store(int64_t g, const Row* rows, int64_t nrows, int64_t n0, int64_t ncols,
-                                   F* tile) const {
-    const Pixel p0 = pixel(n0);
-    Act row_act = act;
-    bool biased = bias == nullptr;
-    // float tanh/sigmoid on whole tile rows (activate_tile), not on each run: runs
-    // shorter than a vector stall store forwarding
-    if (std::is_same_v<F, float> && residual == nullptr && (act == Act::tanh || act == Act::sigmoid)) {
-      for (int64_t i = 0; i < nrows && bias != nullptr; ++i) {
-        const F b = F(to_float(bias[g * Kg + rows[i].m]));
-        for (int64_t j = 0; j < NR; ++j) tile[i * NR + j] += b;
-      }
-      gemm::activate_tile<T>(tile, nrows, NR, nullptr, act);
-      row_act = Act::none;
-      biased = true;
-    }
-    for (int64_t i = 0; i < nrows; ++i) {
-      const int64_t k = g * Kg + rows[i].m;
-      const F row_bias = biased ? F(0) : F(to_float(bias[k]));
-      Pixel q = p0;
-      for (int64_t j = 0; j < ncols;) {
-        const int64_t run = std::min(ncols - j, OW - q.x);
-        T* o = out + q.n * os[0] + k * os[1] + q.y * os[2] + q.x * os[3];
-        const T* res = residual == nullptr ? nullptr : residual + q.n * rs[0] + k * rs[1] + q.y * rs[2] + q.x * rs[3];
-        gemm::store_row<T>(tile + i * NR + j, run, o, os[3], nullptr, row_bias, res, rs[3], row_act);
-        j += run;
-        q.x = 0;
-        if (++q.y == OH) {
-          q.y = 0;
-          ++q.n;
-        }
-      }
-    }
-  }
 };
+
+template <class T>
+FASTCNN_ALWAYS_INLINE void by_channel_rows_body(const ByChannelForward<T>* d, int64_t begin, int64_t end) {
+  using F = acc_t<T>;
+  using V = typename gemm::Vec<F>::type;
+  constexpr int L = gemm::kLanes<F>, NR = gemm::kNR<F>;
+  const ConvGeometry& g = *d->g;
+  const int64_t* xs = d->xs;
+  const int64_t Kg = g.k_per_group(), RS = g.R * g.S;
+  alignas(32) F pix[NR];
+  alignas(32) F row_out[MR][NR];
+  for (int64_t task = begin; task < end; ++task) {  // task = (n, group, oh)
+    const int64_t oh = task % g.OH, ng = task / g.OH, grp = ng % g.groups, n = ng / g.groups;
+    const T* plane = d->x + n * xs[0] + grp * xs[1];
+    for (int64_t ow0 = 0; ow0 < g.OW; ow0 += NR) {
+      const int64_t cnt = std::min<int64_t>(NR, g.OW - ow0);
+      // A row's last, partial block is computed as the row's last NR pixels (some
+      // again) so that its loads stay whole vectors; only its new pixels are stored.
+      const int64_t start = (cnt < NR && g.OW >= NR) ? g.OW - NR : ow0, skip = ow0 - start;
+      const int64_t valid = std::min<int64_t>(NR, g.OW - start);
+      for (int64_t m0 = 0; m0 < Kg; m0 += MR) {
+        const int64_t k0 = grp * Kg + m0, rows = std::min<int64_t>(MR, Kg - m0);
+        const F* w = d->taps + k0 * RS;
+        V acc[MR][2] = {};
+        const auto fma_tap = [&](const F* wt, const V& v0, const V& v1) {
+          for (int i = 0; i < MR; ++i) {
+            const F wi = wt[i * RS];
+            acc[i][0] += wi * v0;
+            acc[i][1] += wi * v1;
+          }
+        };
+        const int64_t x_first = start * g.stride_w - g.pad_w;
+        // Every tap of the block inside the row, unit stride, no conversion: plain loads.
+        const bool inside = std::is_same_v<T, F> && g.stride_w == 1 && xs[3] == 1 && x_first >= 0 &&
+                            x_first + (g.S - 1) * g.dil_w + NR <= g.W;
+        for (int64_t r = 0; r < g.R; ++r) {
+          const int64_t ih = oh * g.stride_h - g.pad_h + r * g.dil_h;
+          if (ih < 0 || ih >= g.H) continue;
+          const T* row = plane + ih * xs[2];
+          const F* wr = w + r * g.S;
+          if (inside) {
+            const T* p = row + x_first;
+            for (int64_t s = 0; s < g.S; ++s) {
+              V v0, v1;
+              gemm::vload(v0, p + s * g.dil_w);
+              gemm::vload(v1, p + s * g.dil_w + L);
+              fma_tap(wr + s, v0, v1);
+            }
+            continue;
+          }
+          for (int64_t s = 0; s < g.S; ++s) {  // the row's ends, strides, 16-bit input: gathered with bounds
+            const int64_t x0 = x_first + s * g.dil_w;
+            for (int64_t j = 0; j < NR; ++j) {
+              const int64_t iw = x0 + j * g.stride_w;
+              pix[j] = (j < valid && iw >= 0 && iw < g.W) ? F(to_float(row[iw * xs[3]])) : F(0);
+            }
+            V v0, v1;
+            gemm::vload(v0, pix);
+            gemm::vload(v1, pix + L);
+            fma_tap(wr + s, v0, v1);
+          }
+        }
+        std::memcpy(row_out, acc, sizeof row_out);
+        Act act = d->act;
+        const bool whole_rows = d->residual == nullptr && (act == Act::tanh || act == Act::sigmoid);
+        for (int64_t i = 0; i < rows; ++i) {
+          const F b = d->bias == nullptr ? F(0) : F(to_float(d->bias[k0 + i]));
+          if (whole_rows)  // tanh/sigmoid on whole vectors: partial runs stall store forwarding
+            for (int j = 0; j < NR; ++j) row_out[i][j] += b;
+        }
+        if (whole_rows && gemm::activate_tile<T>(&row_out[0][0], rows, NR, nullptr, act)) act = Act::none;
+        for (int64_t i = 0; i < rows; ++i) {
+          const int64_t k = k0 + i;
+          const F b = (d->bias == nullptr || whole_rows) ? F(0) : F(to_float(d->bias[k]));
+          T* o = d->out + n * d->os[0] + k * d->os[1] + oh * d->os[2] + ow0 * d->os[3];
+          const T* res = d->residual == nullptr
+                             ? nullptr
+                             : d->residual + n * d->rs[0] + k * d->rs[1] + oh * d->rs[2] + ow0 * d->rs[3];
+          gemm::store_row<T>(row_out[i] + skip, cnt, o, d->os[3], nullptr, b, res, d->rs[3], act);
+        }
+      }
+    }
+  }
+}
+FASTCNN_ISA_VARIANTS(by_channel_rows, by_channel_rows_body)
 
 template <class T>
 void forward_by_channel(const T* x, const int64_t* xs, const T* w, const int64_t* ws, const T* bias,
                         const T* residual, const int64_t* rs, T* out, const int64_t* os, const ConvGeometry& g,
                         Act act) {
   using F = acc_t<T>;
-  ConvForwardByChannel<T> p{};
-  p.groups = g.groups;
-  p.Cg = g.c_per_group();
-  p.Kg = g.k_per_group();
-  p.M = p.Kg;
-  p.N = g.N * g.OH * g.OW;
-  p.K = p.Cg * g.R * g.S;
-  p.k_run = p.K;
-  p.k_align = 1;
-  std::vector<F> w_rows(size_t((g.K + MR) * p.K), F(0));
+  const int64_t RS = g.R * g.S;
+  std::vector<F> taps(size_t(gemm::round_up(g.K, MR) * RS), F(0));
   for (int64_t k = 0; k < g.K; ++k)
-    for (int64_t c = 0; c < p.Cg; ++c)
-      for (int64_t r = 0; r < g.R; ++r)
-        for (int64_t s = 0; s < g.S; ++s)
-          w_rows[size_t(k * p.K + (c * g.R + r) * g.S + s)] = F(to_float(w[k * ws[0] + c * ws[1] + r * ws[2] + s * ws[3]]));
-  p.w_rows = w_rows.data();
-  p.x = x;
-  p.xs = xs;
-  p.bias = bias;
-  p.residual = residual;
-  p.rs = rs;
-  p.out = out;
-  p.os = os;
-  p.R = g.R;
-  p.S = g.S;
-  p.H = g.H;
-  p.W = g.W;
-  p.OH = g.OH;
-  p.OW = g.OW;
-  p.sh = g.stride_h;
-  p.sw = g.stride_w;
-  p.ph = g.pad_h;
-  p.pw = g.pad_w;
-  p.dh = g.dil_h;
-  p.dw = g.dil_w;
-  p.act = act;
-  gemm::run<T>(p);
+    for (int64_t r = 0; r < g.R; ++r)
+      for (int64_t s = 0; s < g.S; ++s)
+        taps[size_t(k * RS + r * g.S + s)] = F(to_float(w[k * ws[0] + r * ws[2] + s * ws[3]]));
+  const ByChannelForward<T> d{x, xs, taps.data(), bias, residual, rs, out, os, &g, act};
+  parallel_for(g.N * g.groups * g.OH, 1, [&](int64_t begin, int64_t end) {
+    FASTCNN_ISA_CALL(by_channel_rows, T, &d, begin, end);
+  });
 }
 
 // Depthwise forward (groups = C = K): one channel per GEMM would pad N = 1 to a whole
