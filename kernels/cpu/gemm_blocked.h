@@ -56,11 +56,15 @@ inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 // MR rows of A: element (i, k) at ptr[i * rs + k * cs], or, split into segments of
 // seg_len (> 0) k values, element (i, seg * seg_len + t) at ptr[i * rs + seg * seg_stride + t * cs]
-// (one segment per kernel row of a convolution read in place).
+// (one segment per kernel row of a convolution read in place). Irregular (cs == 1
+// only): row i starts at ptr + row_off[i] instead of ptr + i * rs (a convolution's
+// pixels read in place across an output row's end; row_off[0] = 0).
 template <class F> struct APanel {
   const F* ptr;
   int64_t rs, cs;
   int64_t seg_len = 0, seg_stride = 0;
+  bool irregular = false;
+  int64_t row_off[MR] = {};
 };
 
 // By reference, not by value: a 32-byte vector return would change the base variant's ABI.
@@ -100,11 +104,11 @@ FASTCNN_ALWAYS_INLINE void micro_kernel(int64_t kc, const APanel<F>& a, const F*
     const int64_t len = std::min(seg_len, kc - k0);
     if constexpr (kUnitK) {
       const F* r0 = a.ptr + seg * a.seg_stride;
-      const F* r1 = r0 + a.rs;
-      const F* r2 = r1 + a.rs;
-      const F* r3 = r2 + a.rs;
-      const F* r4 = r3 + a.rs;
-      const F* r5 = r4 + a.rs;
+      const F* r1 = r0 + (a.irregular ? a.row_off[1] : a.rs);
+      const F* r2 = r0 + (a.irregular ? a.row_off[2] : 2 * a.rs);
+      const F* r3 = r0 + (a.irregular ? a.row_off[3] : 3 * a.rs);
+      const F* r4 = r0 + (a.irregular ? a.row_off[4] : 4 * a.rs);
+      const F* r5 = r0 + (a.irregular ? a.row_off[5] : 5 * a.rs);
       for (int64_t k = 0; k < len; ++k) {
         V b0, b1;
         vload(b0, b);
