@@ -64,6 +64,23 @@ def test_small_batch_inference(backend_device, rows, in_features, out_features, 
         assert_close(F.linear(x, w, b, act=act), expected.to(dtype), scale=reduction_scale(in_features))
 
 
+@pytest.mark.parametrize("rows, in_features", [(1, 300), (3, 33), (8, 40), (9, 8), (20, 1), (9, 9)])
+@pytest.mark.parametrize("out_features", [1, 9, 17, 2100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_transposed_weight(backend_device, rows, in_features, out_features, dtype):
+    """A weight that is a transposed view (contiguous along out_features, as the
+    backward passes it) with up to eight rows or a sum of up to eight terms takes
+    the CPU's row-update path (9 x 9 does not); columns past its 16 KB chunks,
+    partial row blocks."""
+    _, device = backend_device
+    for act, bias in ((None, False), ("relu", True), ("sigmoid", True)):
+        x, w, b = make((rows, in_features), out_features, dtype, device, bias=bias, requires_grad=False)
+        w_t = w.t().contiguous().t()
+        expected = TORCH_ACTS[act](torch.nn.functional.linear(x.double(), w.double(),
+                                                              None if b is None else b.double()))
+        assert_close(F.linear(x, w_t, b, act=act), expected.to(dtype), scale=reduction_scale(in_features))
+
+
 @pytest.mark.parametrize("act", ["tanh", "sigmoid"])
 @pytest.mark.parametrize("out_features", [1, 6, 8, 9, 16, 17, 33])
 @pytest.mark.parametrize("bias", [True, False])
