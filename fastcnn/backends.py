@@ -105,6 +105,7 @@ def selected_backend() -> str | None:
     return name
 
 
+@functools.cache  # on every op call; what is built and installed cannot change in a process
 def default_backend(device_type: str) -> str:
     preference = {"cuda": ("triton", "cuda", "torch"), "cpu": ("cpu", "torch")}.get(device_type, ("torch",))
     return next(b for b in preference if why_unavailable(b, device_type) is None)

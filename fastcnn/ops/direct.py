@@ -48,9 +48,18 @@ def register_autograd(op, name: str, backward: Callable, setup_context: Callable
     forward and backward."""
     op.register_autograd(backward, setup_context=setup_context)
     body = _BODIES[name]
+
+    # forward(ctx, *args) in the combined style: a Function with a separate
+    # setup_context has Function.apply bind its arguments through inspect.signature
+    # on every call (~25 us). That style is only needed under functorch transforms,
+    # which take the op itself (modes_active).
+    def forward(ctx, *args):
+        out = body(*args)
+        setup_context(ctx, args, out)
+        return out
+
     _AUTOGRAD[name] = type(name.replace("::", "_") + "_function", (torch.autograd.Function,), {
-        "forward": staticmethod(lambda *args: body(*args)),
-        "setup_context": staticmethod(setup_context),
+        "forward": staticmethod(forward),
         "backward": staticmethod(backward),
     })
 
