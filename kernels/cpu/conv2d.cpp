@@ -772,11 +772,12 @@ void input_grad_by_cols(const T* grad, const int64_t* gs, const T* w, const int6
 // input is faster.
 constexpr int64_t kByChannelMaxK = 16;
 
+// The operands of a direct (non-GEMM) forward kernel: by channel and depthwise.
 template <class T>
-struct ByChannelForward {
+struct DirectForward {
   const T* x;
   const int64_t* xs;
-  const acc_t<T>* taps;  // [round_up(K, MR)][R * S]: the weight as acc_t, zero rows past K
+  const acc_t<T>* taps;  // the weight as acc_t, in the kernel's own layout
   const T* bias;
   const T* residual;
   const int64_t* rs;
@@ -787,7 +788,7 @@ struct ByChannelForward {
 };
 
 template <class T>
-FASTCNN_ALWAYS_INLINE void by_channel_rows_body(const ByChannelForward<T>* d, int64_t begin, int64_t end) {
+FASTCNN_ALWAYS_INLINE void by_channel_rows_body(const DirectForward<T>* d, int64_t begin, int64_t end) {
   using F = acc_t<T>;
   using V = typename gemm::Vec<F>::type;
   constexpr int L = gemm::kLanes<F>, NR = gemm::kNR<F>;
@@ -877,12 +878,12 @@ void forward_by_channel(const T* x, const int64_t* xs, const T* w, const int64_t
                         Act act) {
   using F = acc_t<T>;
   const int64_t RS = g.R * g.S;
-  std::vector<F> taps(size_t(gemm::round_up(g.K, MR) * RS), F(0));
+  std::vector<F> taps(size_t(gemm::round_up(g.K, MR) * RS), F(0));  // [round_up(K, MR)][R * S], zero rows past K
   for (int64_t k = 0; k < g.K; ++k)
     for (int64_t r = 0; r < g.R; ++r)
       for (int64_t s = 0; s < g.S; ++s)
         taps[size_t(k * RS + r * g.S + s)] = F(to_float(w[k * ws[0] + r * ws[2] + s * ws[3]]));
-  const ByChannelForward<T> d{x, xs, taps.data(), bias, residual, rs, out, os, &g, act};
+  const DirectForward<T> d{x, xs, taps.data(), bias, residual, rs, out, os, &g, act};
   parallel_for(g.N * g.groups * g.OH, 1, [&](int64_t begin, int64_t end) {
     FASTCNN_ISA_CALL(by_channel_rows, T, &d, begin, end);
   });
@@ -892,21 +893,7 @@ void forward_by_channel(const T* x, const int64_t* xs, const T* w, const int64_t
 // micro-tile, so a direct loop instead, vectorised over channels (contiguous in
 // channels_last), NR channels at a time through the shared epilogue.
 template <class T>
-struct DepthwiseForward {
-  const T* x;
-  const int64_t* xs;
-  const acc_t<T>* taps;  // [R * S][C], converted once
-  const T* bias;
-  const T* residual;
-  const int64_t* rs;
-  T* out;
-  const int64_t* os;
-  const ConvGeometry* g;
-  Act act;
-};
-
-template <class T>
-FASTCNN_ALWAYS_INLINE void depthwise_rows_body(const DepthwiseForward<T>* d, int64_t begin, int64_t end) {
+FASTCNN_ALWAYS_INLINE void depthwise_rows_body(const DirectForward<T>* d, int64_t begin, int64_t end) {
   using F = acc_t<T>;
   constexpr int NR = gemm::kNR<F>;
   const ConvGeometry& g = *d->g;
@@ -948,12 +935,12 @@ template <class T>
 void depthwise_forward(const T* x, const int64_t* xs, const T* w, const int64_t* ws, const T* bias, const T* residual,
                        const int64_t* rs, T* out, const int64_t* os, const ConvGeometry& g, Act act) {
   using F = acc_t<T>;
-  std::vector<F> taps(size_t(g.R * g.S * g.C));
+  std::vector<F> taps(size_t(g.R * g.S * g.C));  // [R * S][C]
   for (int64_t c = 0; c < g.C; ++c)
     for (int64_t r = 0; r < g.R; ++r)
       for (int64_t s = 0; s < g.S; ++s)
         taps[size_t((r * g.S + s) * g.C + c)] = F(to_float(w[c * ws[0] + r * ws[2] + s * ws[3]]));
-  const DepthwiseForward<T> d{x, xs, taps.data(), bias, residual, rs, out, os, &g, act};
+  const DirectForward<T> d{x, xs, taps.data(), bias, residual, rs, out, os, &g, act};
   parallel_for(g.N * g.OH, 1, [&](int64_t begin, int64_t end) {
     FASTCNN_ISA_CALL(depthwise_rows, T, &d, begin, end);
   });
