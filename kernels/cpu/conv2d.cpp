@@ -878,7 +878,10 @@ void forward_by_channel(const T* x, const int64_t* xs, const T* w, const int64_t
                         Act act) {
   using F = acc_t<T>;
   const int64_t RS = g.R * g.S;
-  std::vector<F> taps(size_t(gemm::round_up(g.K, MR) * RS), F(0));  // [round_up(K, MR)][R * S], zero rows past K
+  // [rows][R * S]: the last group's last block of MR rows reads up to row
+  // K - Kg + round_up(Kg, MR) - 1; rows past K are zeros (their sums are never stored).
+  const int64_t Kg = g.k_per_group();
+  std::vector<F> taps(size_t((g.K - Kg + gemm::round_up(Kg, MR)) * RS), F(0));
   for (int64_t k = 0; k < g.K; ++k)
     for (int64_t r = 0; r < g.R; ++r)
       for (int64_t s = 0; s < g.S; ++s)
