@@ -20,13 +20,12 @@ import fastcnn
 
 SCRIPT = textwrap.dedent("""
     import torch
-    import fastcnn
     from fastcnn import functional as F
 
     torch.manual_seed(0)
     cl = torch.channels_last
 
-    def grad_step(out, *leaves):
+    def grad_step(out):
         out.backward(torch.randn_like(out))
 
     def conv(shape, w_shape, layout="nchw", dtype=torch.float32, residual=False, **kw):

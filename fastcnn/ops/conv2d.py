@@ -123,8 +123,8 @@ def _bind_cpu_conv2d(x, w, residual, out, params, act, pack_weight=False):
                         and not x.is_contiguous(memory_format=torch.channels_last))
     n, c, h, width = x.shape
     x_stride = [h * width * c, 1, width * c, c] if to_channels_last else list(x.stride())
-    # (one channel not dense along W: its channels_last copy is, and goes by channel)
-    by_channel = by_channel or module.conv2d_forward_by_channel(geom, x_stride, out_stride)
+    if to_channels_last:  # one channel not dense along W: its copy is, and goes by channel
+        by_channel = module.conv2d_forward_by_channel(geom, x_stride, out_stride)
     pack_weight = pack_weight and not by_channel
     w_stride = list(w.stride())
     code, act_code = _native.dtype_code(out), _native.ACT_CODES[act]

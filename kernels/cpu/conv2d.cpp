@@ -850,21 +850,25 @@ FASTCNN_ALWAYS_INLINE void by_channel_rows_body(const DirectForward<T>* d, int64
         }
         std::memcpy(row_out, acc, sizeof row_out);
         Act act = d->act;
+        // tanh/sigmoid on whole vectors (partial runs stall store forwarding): the bias
+        // goes into the rows first; otherwise store_row adds it
         const bool whole_rows = d->residual == nullptr && (act == Act::tanh || act == Act::sigmoid);
-        for (int64_t i = 0; i < rows; ++i) {
-          const F b = d->bias == nullptr ? F(0) : F(to_float(d->bias[k0 + i]));
-          if (whole_rows)  // tanh/sigmoid on whole vectors: partial runs stall store forwarding
-            for (int j = 0; j < NR; ++j) row_out[i][j] += b;
+        F row_bias[MR] = {};
+        for (int64_t i = 0; i < rows && d->bias != nullptr; ++i) {
+          row_bias[i] = F(to_float(d->bias[k0 + i]));
+          if (whole_rows) {
+            for (int j = 0; j < NR; ++j) row_out[i][j] += row_bias[i];
+            row_bias[i] = F(0);
+          }
         }
         if (whole_rows && gemm::activate_tile<T>(&row_out[0][0], rows, NR, nullptr, act)) act = Act::none;
         for (int64_t i = 0; i < rows; ++i) {
           const int64_t k = k0 + i;
-          const F b = (d->bias == nullptr || whole_rows) ? F(0) : F(to_float(d->bias[k]));
           T* o = d->out + n * d->os[0] + k * d->os[1] + oh * d->os[2] + ow0 * d->os[3];
           const T* res = d->residual == nullptr
                              ? nullptr
                              : d->residual + n * d->rs[0] + k * d->rs[1] + oh * d->rs[2] + ow0 * d->rs[3];
-          gemm::store_row<T>(row_out[i] + skip, cnt, o, d->os[3], nullptr, b, res, d->rs[3], act);
+          gemm::store_row<T>(row_out[i] + skip, cnt, o, d->os[3], nullptr, row_bias[i], res, d->rs[3], act);
         }
       }
     }

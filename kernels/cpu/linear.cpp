@@ -158,7 +158,7 @@ template <class F, int MB>
 FASTCNN_ALWAYS_INLINE void row_update_rows(const F* a, int64_t am, int64_t ak, const F* b, int64_t bk,
                                            const F* bias, F* out, int64_t om, int64_t K, int64_t n0, int64_t n1,
                                            Act act) {
-  alignas(64) F acc[MB][row_update_chunk<F>(MB)];  // n1 - n0 <= this: see row_update_body
+  alignas(64) F acc[MB][row_update_chunk<F>(MB)];  // n1 - n0 <= this: see try_row_update
   const int64_t len = n1 - n0;
   for (int m = 0; m < MB; ++m)
     for (int64_t j = 0; j < len; ++j) acc[m][j] = F(0);
@@ -188,9 +188,7 @@ FASTCNN_ALWAYS_INLINE void row_update_rows(const F* a, int64_t am, int64_t ak, c
 template <class F>
 FASTCNN_ALWAYS_INLINE void row_update_body(const F* a, int64_t am, int64_t ak, int64_t M, const F* b, int64_t bk,
                                            const F* bias, F* out, int64_t om, int64_t N, int64_t K, Act act,
-                                           int64_t begin, int64_t end) {
-  // Sized for the widest block; a narrower (last) block has room for more columns.
-  const int64_t chunk = row_update_chunk<F>(std::min(M, kRowUpdateRows));
+                                           int64_t chunk, int64_t begin, int64_t end) {
   const int64_t chunks = (N + chunk - 1) / chunk;
   for (int64_t t = begin; t < end; ++t) {  // t = (block of rows, chunk of columns)
     const int64_t m0 = (t / chunks) * kRowUpdateRows, n0 = (t % chunks) * chunk;
@@ -224,10 +222,11 @@ bool try_row_update(const T* a, int64_t am, int64_t ak, const T* b, int64_t bn, 
     return false;
   } else {
     if (bn != 1 || on != 1 || (M > kRowUpdateRows && K > kRowUpdateRows)) return false;
+    // Sized for the widest block; a narrower (last) block has room for more columns.
     const int64_t chunk = row_update_chunk<T>(std::min(M, kRowUpdateRows));
     const int64_t tasks = ((M + kRowUpdateRows - 1) / kRowUpdateRows) * ((N + chunk - 1) / chunk);
     parallel_for(tasks, 1, [&](int64_t begin, int64_t end) {
-      FASTCNN_ISA_CALL(linear_row_update, T, a, am, ak, M, b, bk, bias, out, om, N, K, act, begin, end);
+      FASTCNN_ISA_CALL(linear_row_update, T, a, am, ak, M, b, bk, bias, out, om, N, K, act, chunk, begin, end);
     });
     return true;
   }
