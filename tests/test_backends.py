@@ -67,6 +67,8 @@ def test_cpu_module_imports_and_dispatches():
     import fastcnn._cpu as cpu
 
     assert isinstance(cpu.has_avx2(), bool)
+    assert isinstance(cpu.has_avx512(), bool)
+    assert cpu.has_avx2() or not cpu.has_avx512()
     assert cpu.max_threads() >= 1
 
 
@@ -76,7 +78,7 @@ def test_cpu_base_variant_matches(tmp_path):
     script = (
         "import torch, fastcnn, fastcnn._cpu as c\n"
         "from fastcnn import functional as F\n"
-        "assert not c.has_avx2()\n"
+        "assert not c.has_avx2() and not c.has_avx512()\n"
         "a, b = torch.randn(3, 5, 7, 9), torch.randn(3, 5, 7, 9)\n"
         "torch.testing.assert_close(F.add_act(a, b), torch.relu(a + b))\n"
         "w, bias = torch.randn(9, 5, 3, 3), torch.randn(9)\n"
@@ -91,6 +93,49 @@ def test_cpu_base_variant_matches(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("ok")
+
+
+_GEMM_OPS_SCRIPT = """
+import os, sys, torch
+import fastcnn._cpu as cpu
+from fastcnn import functional as F
+assert cpu.has_avx512() != (os.environ.get("FASTCNN_CPU_ISA") == "avx2")
+torch.manual_seed(0)
+x = torch.randn(3, 24, 9, 11, dtype=torch.float64).float().contiguous(memory_format=torch.channels_last)
+x.requires_grad_()
+w = torch.randn(40, 24, 3, 3, requires_grad=True)
+b = torch.randn(40, requires_grad=True)
+r = torch.randn(3, 40, 9, 11).contiguous(memory_format=torch.channels_last)
+y = F.conv2d(x, w, b, padding=1, residual=r, act="relu")
+y.backward(torch.randn_like(y))
+v, m = torch.randn(37, 50, requires_grad=True), torch.randn(45, 50, requires_grad=True)
+z = F.linear(v, m, act="tanh")
+z.backward(torch.randn_like(z))
+torch.save([y, x.grad, w.grad, b.grad, z, v.grad, m.grad], sys.argv[1])
+"""
+
+
+def test_cpu_avx512_variant_matches_avx2_bits(tmp_path):
+    """Where the CPU has AVX-512, the GEMM's wide micro-kernel sums each element in the
+    same order as the AVX2 one: conv and linear, forward and every gradient, give the
+    same bits with FASTCNN_CPU_ISA=avx2 (a subprocess) as with AVX-512 (another)."""
+    import fastcnn._cpu as cpu
+
+    if not cpu.has_avx512():
+        pytest.skip("this CPU has no AVX-512")
+    results = {}
+    for isa in ("avx2", "default"):
+        env = dict(os.environ)
+        env.pop("FASTCNN_CPU_ISA", None)
+        if isa == "avx2":
+            env["FASTCNN_CPU_ISA"] = "avx2"
+        path = tmp_path / f"{isa}.pt"
+        done = subprocess.run([sys.executable, "-c", _GEMM_OPS_SCRIPT, str(path)], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        results[isa] = torch.load(path)
+    for narrow, wide in zip(results["avx2"], results["default"]):
+        assert torch.equal(narrow, wide)
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None or os.environ.get("FASTCNN_CUDA") == "0",

@@ -6,8 +6,9 @@
 #include "fastcnn/cpu_parallel.h"
 
 PYBIND11_MODULE(_cpu, m) {
-  m.doc() = "fastcnn CPU kernels (OpenMP, AVX2 chosen at run time)";
+  m.doc() = "fastcnn CPU kernels (OpenMP, AVX2 and AVX-512 chosen at run time)";
   m.def("has_avx2", &fastcnn::cpu_has_avx2);
+  m.def("has_avx512", &fastcnn::cpu_has_avx512);
   m.def("max_threads", []() { return omp_get_max_threads(); });
 #define FASTCNN_BIND(op) fastcnn::bindings::bind_cpu_##op(m);
   FASTCNN_FOR_EACH_OP(FASTCNN_BIND)

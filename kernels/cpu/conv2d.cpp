@@ -348,14 +348,14 @@ struct ConvForward {
                                      APanel<F>* panels) const {
     a.a_block(g, rows, nrows, k0, kl, buf, panels);
   }
-  // B[(r, s, c)][k] = w[g * Kg + k, c, r, s]
+  // B[(r, s, c)][k] = w[g * Kg + k, c, r, s], one tap's run of channels at a time
   FASTCNN_ALWAYS_INLINE void pack_b(int64_t g, int64_t n0, int64_t ncols, int64_t k0, int64_t kl, F* dst) const {
-    for (int64_t t = 0; t < kl; ++t) {
-      const int64_t k = k0 + t, tap = k / Cg, c = k % Cg;
-      const T* wp = w + (g * Kg + n0) * ws[0] + c * ws[1] + (tap / S) * ws[2] + (tap % S) * ws[3];
-      F* d = dst + t * NR;
-      for (int64_t j = 0; j < ncols; ++j) d[j] = F(to_float(wp[j * ws[0]]));
-      for (int64_t j = ncols; j < NR; ++j) d[j] = F(0);
+    const T* wn = w + (g * Kg + n0) * ws[0];
+    for (int64_t t = 0; t < kl;) {
+      const int64_t k = k0 + t, tap = k / Cg, c = k % Cg, len = std::min(kl - t, Cg - c);
+      gemm::pack_strided_b(wn + c * ws[1] + (tap / S) * ws[2] + (tap % S) * ws[3], ws[1], ws[0], ncols, len,
+                           dst + t * NR);
+      t += len;
     }
   }
   // The residual's and the output's cache lines of a tile: channels_last rows are

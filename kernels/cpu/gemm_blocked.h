@@ -42,6 +42,10 @@ namespace fastcnn::cpu::gemm {
 template <class F> struct Vec;
 template <> struct Vec<float> { typedef float type __attribute__((vector_size(32), aligned(4))); };
 template <> struct Vec<double> { typedef double type __attribute__((vector_size(32), aligned(8))); };
+// 64-byte vectors: a whole tile row (NR columns) in one zmm register under AVX-512.
+template <class F> struct WideVec;
+template <> struct WideVec<float> { typedef float type __attribute__((vector_size(64), aligned(4))); };
+template <> struct WideVec<double> { typedef double type __attribute__((vector_size(64), aligned(8))); };
 
 constexpr int MR = 6;                               // rows per micro-tile
 template <class F> constexpr int kLanes = 32 / int(sizeof(F));
@@ -138,6 +142,54 @@ FASTCNN_ALWAYS_INLINE void micro_kernel(int64_t kc, const APanel<F>& a, const F*
     vstore(c + 0 * NR + L, c01), vstore(c + 1 * NR + L, c11), vstore(c + 2 * NR + L, c21);
     vstore(c + 3 * NR + L, c31), vstore(c + 4 * NR + L, c41), vstore(c + 5 * NR + L, c51);
   }
+}
+
+// The same product with one 64-byte accumulator per tile row, for the AVX-512 variant:
+// six FMAs per k whose A operand is a broadcast from memory (one instruction each)
+// where the 32-byte form needs twelve FMAs and six separate broadcasts. Same panels,
+// same B layout, same summation order per element (k ascending), so the same bits.
+template <class F, bool kUnitK>
+FASTCNN_ALWAYS_INLINE void micro_kernel_wide(int64_t kc, const APanel<F>& a, const F* b, F* c, bool accumulate) {
+  using V = typename WideVec<F>::type;
+  constexpr int NR = kNR<F>;
+  static_assert(sizeof(V) == NR * sizeof(F), "a wide vector holds one tile row");
+  V c0{}, c1{}, c2{}, c3{}, c4{}, c5{};
+  if (accumulate) {
+    vload(c0, c + 0 * NR), vload(c1, c + 1 * NR), vload(c2, c + 2 * NR);
+    vload(c3, c + 3 * NR), vload(c4, c + 4 * NR), vload(c5, c + 5 * NR);
+  }
+  const int64_t seg_len = a.seg_len > 0 ? a.seg_len : kc;
+  for (int64_t k0 = 0, seg = 0; k0 < kc; k0 += seg_len, ++seg) {
+    const int64_t len = std::min(seg_len, kc - k0);
+    if constexpr (kUnitK) {
+      const F* r0 = a.ptr + seg * a.seg_stride;
+      const F* r1 = r0 + (a.irregular ? a.row_off[1] : a.rs);
+      const F* r2 = r0 + (a.irregular ? a.row_off[2] : 2 * a.rs);
+      const F* r3 = r0 + (a.irregular ? a.row_off[3] : 3 * a.rs);
+      const F* r4 = r0 + (a.irregular ? a.row_off[4] : 4 * a.rs);
+      const F* r5 = r0 + (a.irregular ? a.row_off[5] : 5 * a.rs);
+      for (int64_t k = 0; k < len; ++k) {
+        V bk;
+        vload(bk, b);
+        b += NR;
+        c0 += bk * r0[k], c1 += bk * r1[k], c2 += bk * r2[k];
+        c3 += bk * r3[k], c4 += bk * r4[k], c5 += bk * r5[k];
+      }
+    } else {
+      const F* ak = a.ptr + seg * a.seg_stride;
+      const int64_t rs = a.rs, cs = a.cs;
+      for (int64_t k = 0; k < len; ++k) {
+        V bk;
+        vload(bk, b);
+        b += NR;
+        c0 += bk * ak[0], c1 += bk * ak[rs], c2 += bk * ak[2 * rs];
+        c3 += bk * ak[3 * rs], c4 += bk * ak[4 * rs], c5 += bk * ak[5 * rs];
+        ak += cs;
+      }
+    }
+  }
+  vstore(c + 0 * NR, c0), vstore(c + 1 * NR, c1), vstore(c + 2 * NR, c2);
+  vstore(c + 3 * NR, c3), vstore(c + 4 * NR, c4), vstore(c + 5 * NR, c5);
 }
 
 // Shared epilogue of one tile row: out[j] = act(tile[j] + bias[j] + row_bias + residual[j]),
@@ -310,7 +362,40 @@ struct has_prefetch_store<Problem, std::void_t<decltype(std::declval<const Probl
                                        int64_t(0), static_cast<const typename Problem::Row*>(nullptr), int64_t(0),
                                        int64_t(0), int64_t(0)))>> : std::true_type {};
 
-template <class T, class Problem>
+// One tile's product over a K block with the micro-kernel that fits its panel: none
+// for an all-zero block, the wide one for full-width tiles in the AVX-512 variant.
+template <class F, bool kWide>
+FASTCNN_ALWAYS_INLINE void multiply_tile(int64_t kl, const APanel<F>& a, const F* b, F* tile, bool accumulate,
+                                         bool half) {
+  if (a.ptr == nullptr) {
+    if (!accumulate) std::memset(tile, 0, sizeof(F) * MR * kNR<F>);
+    return;
+  }
+  if constexpr (kWide) {
+    if (!half) {
+      if (a.cs == 1) {
+        micro_kernel_wide<F, true>(kl, a, b, tile, accumulate);
+      } else {
+        micro_kernel_wide<F, false>(kl, a, b, tile, accumulate);
+      }
+      return;
+    }
+  }
+  if (a.cs == 1) {
+    if (half) {
+      micro_kernel<F, true, true>(kl, a, b, tile, accumulate);
+    } else {
+      micro_kernel<F, true>(kl, a, b, tile, accumulate);
+    }
+  } else if (half) {
+    micro_kernel<F, false, true>(kl, a, b, tile, accumulate);
+  } else {
+    micro_kernel<F, false>(kl, a, b, tile, accumulate);
+  }
+}
+
+// kWide: the AVX-512 variant (micro_kernel_wide for full-width panels).
+template <class T, bool kWide = false, class Problem>
 FASTCNN_ALWAYS_INLINE void tiles_body(const Problem* prob, const Plan* plan, const acc_t<T>* packed_b,
                                       int64_t begin, int64_t end) {
   using F = acc_t<T>;
@@ -355,19 +440,7 @@ FASTCNN_ALWAYS_INLINE void tiles_body(const Problem* prob, const Plan* plan, con
               prob->prefetch_store(g, rows.data() + ip * MR, std::min<int64_t>(MR, mrows - ip * MR), n0 + jp * NR,
                                    std::min<int64_t>(NR, ncols - jp * NR));
           }
-          if (a.ptr == nullptr) {
-            if (!accumulate) std::memset(tile, 0, sizeof(F) * MR * NR);
-          } else if (a.cs == 1) {
-            if (half) {
-              micro_kernel<F, true, true>(kl, a, b, tile, accumulate);
-            } else {
-              micro_kernel<F, true>(kl, a, b, tile, accumulate);
-            }
-          } else if (half) {
-            micro_kernel<F, false, true>(kl, a, b, tile, accumulate);
-          } else {
-            micro_kernel<F, false>(kl, a, b, tile, accumulate);
-          }
+          multiply_tile<F, kWide>(kl, a, b, tile, accumulate, half);
           if (last)  // the epilogue runs on the tile just written, still in L1
             prob->store(g, rows.data() + ip * MR, std::min<int64_t>(MR, mrows - ip * MR), n0 + jp * NR,
                         std::min<int64_t>(NR, ncols - jp * NR), tile);
@@ -377,6 +450,10 @@ FASTCNN_ALWAYS_INLINE void tiles_body(const Problem* prob, const Plan* plan, con
   }
 }
 FASTCNN_ISA_VARIANTS(gemm_tiles, tiles_body)
+template <class T, class... A>
+FASTCNN_AVX512_TARGET __attribute__((noinline)) void gemm_tiles_avx512(A... a) {
+  tiles_body<T, true>(a...);
+}
 
 // Elements (acc_t) of a prepacked B: per group, ceil(N / NR) panels of [K][NR]. It
 // depends on the groups, N and K alone, so a B packed once (a layer's weights at
@@ -414,7 +491,11 @@ void run(const Problem& prob, const acc_t<T>* prepacked_b = nullptr) {
   if (pack_here) pack_b_into<T>(prob, packed.get());
   const F* packed_b = pack_here ? packed.get() : prepacked_b;
   parallel_for(plan.tasks(), 1, [&](int64_t begin, int64_t end) {
-    FASTCNN_ISA_CALL(gemm_tiles, T, &prob, &plan, packed_b, begin, end);
+    if (cpu_has_avx512()) {
+      gemm_tiles_avx512<T>(&prob, &plan, packed_b, begin, end);
+    } else {
+      FASTCNN_ISA_CALL(gemm_tiles, T, &prob, &plan, packed_b, begin, end);
+    }
   });
 }
 
@@ -443,12 +524,53 @@ FASTCNN_ALWAYS_INLINE APanel<acc_t<T>> pack_strided_a(const T* src, int64_t rs, 
   return {dst, 1, MR};
 }
 
+// dst[u * ds + j] = src[j * ss + u] for u, j < 8: eight whole-vector loads, shuffles,
+// eight stores. Column by column, the eight reads of one k fall a row stride apart,
+// and a power-of-two stride (a 512-channel weight's) lands them in one L1 set.
+FASTCNN_ALWAYS_INLINE void transpose8x8(const float* src, int64_t ss, float* dst, int64_t ds) {
+  using V = Vec<float>::type;
+  typedef int Mask __attribute__((vector_size(32)));
+  V r0, r1, r2, r3, r4, r5, r6, r7;
+  vload(r0, src), vload(r1, src + ss), vload(r2, src + 2 * ss), vload(r3, src + 3 * ss);
+  vload(r4, src + 4 * ss), vload(r5, src + 5 * ss), vload(r6, src + 6 * ss), vload(r7, src + 7 * ss);
+  const Mask lo2{0, 8, 1, 9, 4, 12, 5, 13}, hi2{2, 10, 3, 11, 6, 14, 7, 15};
+  const V t0 = __builtin_shuffle(r0, r1, lo2), t1 = __builtin_shuffle(r0, r1, hi2);
+  const V t2 = __builtin_shuffle(r2, r3, lo2), t3 = __builtin_shuffle(r2, r3, hi2);
+  const V t4 = __builtin_shuffle(r4, r5, lo2), t5 = __builtin_shuffle(r4, r5, hi2);
+  const V t6 = __builtin_shuffle(r6, r7, lo2), t7 = __builtin_shuffle(r6, r7, hi2);
+  const Mask lo4{0, 1, 8, 9, 4, 5, 12, 13}, hi4{2, 3, 10, 11, 6, 7, 14, 15};
+  const V s0 = __builtin_shuffle(t0, t2, lo4), s1 = __builtin_shuffle(t0, t2, hi4);
+  const V s2 = __builtin_shuffle(t1, t3, lo4), s3 = __builtin_shuffle(t1, t3, hi4);
+  const V s4 = __builtin_shuffle(t4, t6, lo4), s5 = __builtin_shuffle(t4, t6, hi4);
+  const V s6 = __builtin_shuffle(t5, t7, lo4), s7 = __builtin_shuffle(t5, t7, hi4);
+  const Mask lo8{0, 1, 2, 3, 8, 9, 10, 11}, hi8{4, 5, 6, 7, 12, 13, 14, 15};
+  vstore(dst, __builtin_shuffle(s0, s4, lo8)), vstore(dst + 4 * ds, __builtin_shuffle(s0, s4, hi8));
+  vstore(dst + ds, __builtin_shuffle(s1, s5, lo8)), vstore(dst + 5 * ds, __builtin_shuffle(s1, s5, hi8));
+  vstore(dst + 2 * ds, __builtin_shuffle(s2, s6, lo8)), vstore(dst + 6 * ds, __builtin_shuffle(s2, s6, hi8));
+  vstore(dst + 3 * ds, __builtin_shuffle(s3, s7, lo8)), vstore(dst + 7 * ds, __builtin_shuffle(s3, s7, hi8));
+}
+
 // Packs B[k][n] = src[k * ks + n * ns] for k < kl, n < ncols into [kl][NR].
 template <class T>
 FASTCNN_ALWAYS_INLINE void pack_strided_b(const T* src, int64_t ks, int64_t ns, int64_t ncols, int64_t kl,
                                           acc_t<T>* dst) {
   using F = acc_t<T>;
   constexpr int NR = kNR<F>;
+  if constexpr (std::is_same_v<T, float>) {
+    if (ks == 1 && ns != 1) {  // each column contiguous in k: 8 x 8 blocks transposed whole
+      const int64_t kl8 = kl / 8 * 8, ncols8 = ncols / 8 * 8;
+      // Eight columns down the whole run, so that only their eight source lines are live.
+      for (int64_t j = 0; j < ncols8; j += 8)
+        for (int64_t k = 0; k < kl8; k += 8) transpose8x8(src + k + j * ns, ns, dst + k * NR + j, NR);
+      for (int64_t k = 0; k < kl8; ++k) {
+        for (int64_t j = ncols8; j < ncols; ++j) dst[k * NR + j] = src[k + j * ns];
+        for (int64_t j = ncols; j < NR; ++j) dst[k * NR + j] = F(0);
+      }
+      src += kl8;
+      dst += kl8 * NR;
+      kl -= kl8;
+    }
+  }
   for (int64_t k = 0; k < kl; ++k) {
     const T* s = src + k * ks;
     F* d = dst + k * NR;

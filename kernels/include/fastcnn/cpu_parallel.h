@@ -26,6 +26,23 @@ inline bool cpu_has_avx2() {
 #endif
 }
 
+// The AVX-512 variant (the GEMM micro-kernel only) needs AVX-512 F and VL, with
+// the OS saving zmm state (the builtin checks both). FASTCNN_CPU_ISA=avx2 stops at
+// AVX2; =base stops before it.
+inline bool cpu_has_avx512() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool has = [] {
+    const char* forced = std::getenv("FASTCNN_CPU_ISA");
+    if (forced != nullptr && (std::string(forced) == "base" || std::string(forced) == "avx2")) return false;
+    __builtin_cpu_init();
+    return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl");
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
 // Split [0, n) into chunks of at least `grain` items and run fn(begin, end) on
 // each, in parallel. Chunks never overlap, so kernels need no atomics.
 template <class F>
@@ -53,8 +70,10 @@ inline void parallel_for(int64_t n, int64_t grain, const F& fn) {
 // compiler vectorises the same loop twice; call through FASTCNN_ISA_CALL.
 #if defined(__x86_64__) || defined(__i386__)
 #define FASTCNN_AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+#define FASTCNN_AVX512_TARGET __attribute__((target("avx2,fma,f16c,avx512f,avx512vl")))
 #else
 #define FASTCNN_AVX2_TARGET
+#define FASTCNN_AVX512_TARGET
 #endif
 #define FASTCNN_ISA_VARIANTS(NAME, BODY)                                         \
   template <class T, class... A>                                                 \
