@@ -13,6 +13,8 @@
 //       spaced and need no conversion (no copy at all), else into buf, packed;
 //       a null pointer where the block is all zeros (skipped)
 //   void pack_b(g, n0, ncols, k0, kl, F* dst);   [kl][NR], columns past ncols zero
+//   (kPrepackB false) void pack_b_block(g, n0, ncols, k0, kl, F* dst);   every panel of an
+//       N block, each [kl][NR], kl * NR apart: the problem picks the order it reads B in
 //   void store(g, const Row* rows, nrows, n0, ncols, F* tile);   tile [MR][NR], scratch the
 //       epilogue may work in (activate_tile)
 //   optionally void prefetch_store(g, const Row* rows, nrows, n0, ncols);   asks for the
@@ -200,6 +202,33 @@ FASTCNN_ALWAYS_INLINE void store_row(const acc_t<T>* tile, int64_t cnt, T* out, 
                                      const T* bias, acc_t<T> row_bias, const T* residual,
                                      int64_t residual_stride, Act act) {
   using F = acc_t<T>;
+  if constexpr (std::is_same_v<T, F>) {
+    if (cnt == kNR<F> && out_stride == 1 && (residual == nullptr || residual_stride == 1) &&
+        (act == Act::none || act == Act::relu)) {  // a whole row: two vectors, same sums
+      using V = typename Vec<F>::type;
+      constexpr int L = kLanes<F>;
+      V v0, v1;
+      vload(v0, tile), vload(v1, tile + L);
+      v0 += row_bias, v1 += row_bias;
+      if (bias != nullptr) {
+        V b0, b1;
+        vload(b0, bias), vload(b1, bias + L);
+        v0 += b0, v1 += b1;
+      }
+      if (residual != nullptr) {
+        V r0, r1;
+        vload(r0, residual), vload(r1, residual + L);
+        v0 += r0, v1 += r1;
+      }
+      if (act == Act::relu) {  // NaN passes, as below
+        const V zero{};
+        v0 = v0 < zero ? zero : v0;
+        v1 = v1 < zero ? zero : v1;
+      }
+      vstore(out, v0), vstore(out + L, v1);
+      return;
+    }
+  }
   F v[kNR<F>];
   if (bias != nullptr) {
     for (int64_t j = 0; j < cnt; ++j) v[j] = tile[j] + row_bias + load(bias, j);
@@ -419,12 +448,11 @@ FASTCNN_ALWAYS_INLINE void tiles_body(const Problem* prob, const Plan* plan, con
       prob->a_block(g, rows.data(), mrows, k0, kl, a_buf.get(), panels.data());
       const F* b_block;
       int64_t b_panel_stride;
-      if (pl.prepacked) {
+      if constexpr (Problem::kPrepackB) {
         b_block = packed_b + ((g * pl.n_panels + n0 / NR) * pl.K + k0) * NR;
         b_panel_stride = pl.K * NR;
       } else {
-        for (int64_t jp = 0; jp < np; ++jp)
-          prob->pack_b(g, n0 + jp * NR, std::min<int64_t>(NR, ncols - jp * NR), k0, kl, b_buf.get() + jp * kl * NR);
+        prob->pack_b_block(g, n0, ncols, k0, kl, b_buf.get());
         b_block = b_buf.get();
         b_panel_stride = kl * NR;
       }
@@ -432,7 +460,9 @@ FASTCNN_ALWAYS_INLINE void tiles_body(const Problem* prob, const Plan* plan, con
       for (int64_t jp = 0; jp < np; ++jp) {
         const F* b = b_block + jp * b_panel_stride;
         for (int64_t ip = 0; ip < mp; ++ip) {
-          F* tile = c_buf.get() + (ip * np + jp) * (MR * NR);
+          // One K block: every tile is stored as soon as it is made, so one tile's scratch
+          // (in L1) serves them all.
+          F* tile = c_buf.get() + (pl.k_blocks == 1 ? 0 : (ip * np + jp) * (MR * NR));
           const APanel<F>& a = panels[size_t(ip)];
           const bool half = std::min<int64_t>(NR, ncols - jp * NR) <= kLanes<F>;
           if constexpr (has_prefetch_store<Problem>::value) {
