@@ -89,7 +89,7 @@ def test_cpu_base_variant_matches(tmp_path):
         "torch.testing.assert_close(F.linear(v, m, act='sigmoid'), torch.sigmoid(v @ m.T), rtol=1e-5, atol=1e-5)\n"
         "print('ok')\n"
     )
-    env = dict(os.environ, FASTCNN_CPU_ISA="base")
+    env = dict(os.environ, FASTCNN_CPU_ISA="base", FASTCNN_BACKEND="cpu")
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("ok")
@@ -125,7 +125,7 @@ def test_cpu_avx512_variant_matches_avx2_bits(tmp_path):
         pytest.skip("this CPU has no AVX-512")
     results = {}
     for isa in ("avx2", "default"):
-        env = dict(os.environ)
+        env = dict(os.environ, FASTCNN_BACKEND="cpu")
         env.pop("FASTCNN_CPU_ISA", None)
         if isa == "avx2":
             env["FASTCNN_CPU_ISA"] = "avx2"

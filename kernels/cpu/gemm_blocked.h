@@ -432,7 +432,10 @@ FASTCNN_ALWAYS_INLINE void tiles_body(const Problem* prob, const Plan* plan, con
   constexpr int NR = kNR<F>;
   const Plan& pl = *plan;
   const int64_t mc_pad = round_up(pl.mc, MR), nc_pad = round_up(pl.nc, NR);
-  Scratch<F> a_buf(mc_pad * pl.kc), c_buf(mc_pad * nc_pad), b_buf(pl.prepacked ? 0 : nc_pad * pl.kc);
+  // With one K block each tile is stored as soon as it is made: one tile's scratch (in L1)
+  // serves them all.
+  Scratch<F> a_buf(mc_pad * pl.kc), c_buf(pl.k_blocks == 1 ? MR * NR : mc_pad * nc_pad);
+  Scratch<F> b_buf(pl.prepacked ? 0 : nc_pad * pl.kc);
   std::vector<Row> rows(size_t(pl.mc));
   std::vector<APanel<F>> panels(size_t(mc_pad / MR));
   const int64_t per_group = pl.m_blocks * pl.n_blocks;
@@ -460,8 +463,6 @@ FASTCNN_ALWAYS_INLINE void tiles_body(const Problem* prob, const Plan* plan, con
       for (int64_t jp = 0; jp < np; ++jp) {
         const F* b = b_block + jp * b_panel_stride;
         for (int64_t ip = 0; ip < mp; ++ip) {
-          // One K block: every tile is stored as soon as it is made, so one tile's scratch
-          // (in L1) serves them all.
           F* tile = c_buf.get() + (pl.k_blocks == 1 ? 0 : (ip * np + jp) * (MR * NR));
           const APanel<F>& a = panels[size_t(ip)];
           const bool half = std::min<int64_t>(NR, ncols - jp * NR) <= kLanes<F>;
