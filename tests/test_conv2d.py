@@ -196,6 +196,28 @@ def test_cpu_forward_by_channel(conv, act, residual, dtype):
         check_forward_and_grads(conv, dtype, "cpu", "nchw", act, residual=residual, grads=False)
 
 
+# Stride 1, one group, at least 16 input and fewer than 64 output channels, kernel > 1x1:
+# the CPU input gradient runs as a forward conv of the output gradient with the weight
+# transposed and flipped (padding dil * (kernel - 1) - pad).
+INPUT_GRAD_AS_FORWARD = [
+    Conv("ig_3x3", 2, 16, 9, 7, 24, (3, 3), padding=1),
+    Conv("ig_valid_rect", 1, 20, 8, 11, 13, (2, 5)),
+    Conv("ig_dilated", 2, 17, 10, 9, 33, (3, 2), padding=(2, 1), dilation=(2, 3)),
+    Conv("ig_same_even", 1, 16, 7, 6, 8, (4, 2), padding="same"),
+    Conv("ig_kernel_fills", 2, 16, 4, 5, 5, (5, 6), padding=1),
+]
+
+
+@pytest.mark.parametrize("conv", INPUT_GRAD_AS_FORWARD, ids=str)
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_cpu_input_grad_as_forward(conv, layout, dtype):
+    if "cpu" not in fastcnn.available_backends("cpu"):
+        pytest.skip("fastcnn._cpu is not built")
+    with fastcnn.use_backend("cpu"):
+        check_forward_and_grads(conv, dtype, "cpu", layout, "relu", residual=False)
+
+
 def test_float64(backend_device):
     backend, device = backend_device
     if device == "cuda" and backend != "triton":

@@ -49,6 +49,8 @@ SCRIPT = textwrap.dedent("""
         conv((2, 6, 7, 8), (6, 1, 3, 3), layout, padding=1, groups=6)
         conv((2, 8, 7, 7), (9, 8, 1, 1), layout, stride=2)
         conv((2, 20, 6, 5), (70, 20, 1, 1), layout, residual=True)
+        conv((2, 17, 7, 6), (24, 17, 3, 2), layout, padding=(2, 1), dilation=(1, 2))  # input grad as a forward
+        conv((2, 6, 9, 7), (8, 6, 3, 3), layout, padding=1)       # weight grad runs of whole kernel rows, borders
     conv((2, 1, 32, 30), (6, 1, 5, 5))                        # by channel, rows wider than a block
     conv((2, 2, 8, 9), (4, 1, 3, 3), groups=2, padding=1)     # by channel, groups
     conv((1, 3, 9, 8), (12, 1, 3, 3), groups=3)
