@@ -390,7 +390,7 @@ struct ConvForward {
       const Pixel& p = rows[i];
       T* o = out + p.n * os[0] + k0 * os[1] + p.y * os[2] + p.x * os[3];
       const T* res = residual == nullptr ? nullptr : residual + p.n * rs[0] + k0 * rs[1] + p.y * rs[2] + p.x * rs[3];
-      gemm::store_row<T>(tile + i * NR, ncols, o, os[1], col_bias, F(0), res, rs[1], row_act);
+      gemm::store_row<T>(tile + i * NR, ncols, o, os[1], col_bias, F(0), res, res == nullptr ? 0 : rs[1], row_act);
     }
   }
 };
@@ -1148,8 +1148,7 @@ void input_grad_by_forward(const T* grad, const int64_t* grad_stride, const T* w
   // w[k][c][R - 1 - r][S - 1 - s].
   const int64_t fs[4] = {w_stride[1], w_stride[0], -w_stride[2], -w_stride[3]};
   const T* flipped = w + (g.R - 1) * w_stride[2] + (g.S - 1) * w_stride[3];
-  const int64_t no_residual[4] = {};  // the forward's store reads the residual's strides
-  forward_gemm<T>(grad, grad_stride, flipped, fs, nullptr, nullptr, no_residual, grad_x, grad_x_stride, f, Act::none,
+  forward_gemm<T>(grad, grad_stride, flipped, fs, nullptr, nullptr, nullptr, grad_x, grad_x_stride, f, Act::none,
                   nullptr);
 }
 

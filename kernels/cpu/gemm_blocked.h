@@ -81,6 +81,18 @@ template <class V, class F> FASTCNN_ALWAYS_INLINE void vstore(F* p, const V& v) 
   std::memcpy(p, &v, sizeof(V));
 }
 
+// The six row starts of segment `seg` of a unit-K panel (evenly spaced or irregular).
+template <class F> struct PanelRows {
+  const F *r0, *r1, *r2, *r3, *r4, *r5;
+};
+template <class F>
+FASTCNN_ALWAYS_INLINE PanelRows<F> panel_rows(const APanel<F>& a, int64_t seg) {
+  const F* r0 = a.ptr + seg * a.seg_stride;
+  if (a.irregular)
+    return {r0, r0 + a.row_off[1], r0 + a.row_off[2], r0 + a.row_off[3], r0 + a.row_off[4], r0 + a.row_off[5]};
+  return {r0, r0 + a.rs, r0 + 2 * a.rs, r0 + 3 * a.rs, r0 + 4 * a.rs, r0 + 5 * a.rs};
+}
+
 // c[MR][NR] (+)= A panel * B panel ([kc][NR]). kUnitK: A rows are contiguous in k.
 // kHalf: only the first L columns are in use (a layer with at most L output channels,
 // LeNet-5's first conv has 6): half the FMAs and B loads; the other half of c is
@@ -109,12 +121,7 @@ FASTCNN_ALWAYS_INLINE void micro_kernel(int64_t kc, const APanel<F>& a, const F*
   for (int64_t k0 = 0, seg = 0; k0 < kc; k0 += seg_len, ++seg) {
     const int64_t len = std::min(seg_len, kc - k0);
     if constexpr (kUnitK) {
-      const F* r0 = a.ptr + seg * a.seg_stride;
-      const F* r1 = r0 + (a.irregular ? a.row_off[1] : a.rs);
-      const F* r2 = r0 + (a.irregular ? a.row_off[2] : 2 * a.rs);
-      const F* r3 = r0 + (a.irregular ? a.row_off[3] : 3 * a.rs);
-      const F* r4 = r0 + (a.irregular ? a.row_off[4] : 4 * a.rs);
-      const F* r5 = r0 + (a.irregular ? a.row_off[5] : 5 * a.rs);
+      const auto [r0, r1, r2, r3, r4, r5] = panel_rows(a, seg);
       for (int64_t k = 0; k < len; ++k) {
         V b0, b1;
         vload(b0, b);
@@ -164,12 +171,7 @@ FASTCNN_ALWAYS_INLINE void micro_kernel_wide(int64_t kc, const APanel<F>& a, con
   for (int64_t k0 = 0, seg = 0; k0 < kc; k0 += seg_len, ++seg) {
     const int64_t len = std::min(seg_len, kc - k0);
     if constexpr (kUnitK) {
-      const F* r0 = a.ptr + seg * a.seg_stride;
-      const F* r1 = r0 + (a.irregular ? a.row_off[1] : a.rs);
-      const F* r2 = r0 + (a.irregular ? a.row_off[2] : 2 * a.rs);
-      const F* r3 = r0 + (a.irregular ? a.row_off[3] : 3 * a.rs);
-      const F* r4 = r0 + (a.irregular ? a.row_off[4] : 4 * a.rs);
-      const F* r5 = r0 + (a.irregular ? a.row_off[5] : 5 * a.rs);
+      const auto [r0, r1, r2, r3, r4, r5] = panel_rows(a, seg);
       for (int64_t k = 0; k < len; ++k) {
         V bk;
         vload(bk, b);

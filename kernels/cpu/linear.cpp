@@ -77,6 +77,19 @@ struct Linear {
 
 constexpr int64_t kMaxGemvRows = 4;
 
+// fn(std::integral_constant<int, R>{}) with R = min(count, Max), count >= 1: a row count
+// known at run time handed to a kernel that unrolls over it.
+template <int Max, class Fn>
+FASTCNN_ALWAYS_INLINE void with_row_count(int64_t count, const Fn& fn) {
+  if constexpr (Max > 1) {
+    if (count < Max) {
+      with_row_count<Max - 1>(count, fn);
+      return;
+    }
+  }
+  fn(std::integral_constant<int, Max>{});
+}
+
 // out[m][n] = act(sum_k x[m][k] w[n][k] + bias[n]) for MB rows of x and weight rows
 // [n0, n1), both contiguous in k; four weight rows at a time share each x load.
 template <class F, int MB>
@@ -113,12 +126,9 @@ FASTCNN_ALWAYS_INLINE void gemv_rows(const F* x, int64_t xm, const F* w, int64_t
 template <class F>
 FASTCNN_ALWAYS_INLINE void gemv_body(const F* x, int64_t xm, int64_t M, const F* w, int64_t wn, const F* bias,
                                      F* out, int64_t om, int64_t on, int64_t K, int64_t n0, int64_t n1, Act act) {
-  switch (M) {
-    case 1: gemv_rows<F, 1>(x, xm, w, wn, bias, out, om, on, K, n0, n1, act); break;
-    case 2: gemv_rows<F, 2>(x, xm, w, wn, bias, out, om, on, K, n0, n1, act); break;
-    case 3: gemv_rows<F, 3>(x, xm, w, wn, bias, out, om, on, K, n0, n1, act); break;
-    default: gemv_rows<F, 4>(x, xm, w, wn, bias, out, om, on, K, n0, n1, act); break;
-  }
+  with_row_count<kMaxGemvRows>(M, [&](auto rows) FASTCNN_ALWAYS_INLINE_LAMBDA {
+    gemv_rows<F, decltype(rows)::value>(x, xm, w, wn, bias, out, om, on, K, n0, n1, act);
+  });
 }
 FASTCNN_ISA_VARIANTS(linear_gemv, gemv_body)
 
@@ -195,16 +205,9 @@ FASTCNN_ALWAYS_INLINE void row_update_body(const F* a, int64_t am, int64_t ak, i
     const int64_t n1 = std::min(N, n0 + chunk);
     const F* ab = a + m0 * am;
     F* ob = out + m0 * om;
-    switch (std::min<int64_t>(kRowUpdateRows, M - m0)) {
-      case 1: row_update_rows<F, 1>(ab, am, ak, b, bk, bias, ob, om, K, n0, n1, act); break;
-      case 2: row_update_rows<F, 2>(ab, am, ak, b, bk, bias, ob, om, K, n0, n1, act); break;
-      case 3: row_update_rows<F, 3>(ab, am, ak, b, bk, bias, ob, om, K, n0, n1, act); break;
-      case 4: row_update_rows<F, 4>(ab, am, ak, b, bk, bias, ob, om, K, n0, n1, act); break;
-      case 5: row_update_rows<F, 5>(ab, am, ak, b, bk, bias, ob, om, K, n0, n1, act); break;
-      case 6: row_update_rows<F, 6>(ab, am, ak, b, bk, bias, ob, om, K, n0, n1, act); break;
-      case 7: row_update_rows<F, 7>(ab, am, ak, b, bk, bias, ob, om, K, n0, n1, act); break;
-      default: row_update_rows<F, 8>(ab, am, ak, b, bk, bias, ob, om, K, n0, n1, act); break;
-    }
+    with_row_count<kRowUpdateRows>(M - m0, [&](auto rows) FASTCNN_ALWAYS_INLINE_LAMBDA {
+      row_update_rows<F, decltype(rows)::value>(ab, am, ak, b, bk, bias, ob, om, K, n0, n1, act);
+    });
   }
 }
 FASTCNN_ISA_VARIANTS(linear_row_update, row_update_body)

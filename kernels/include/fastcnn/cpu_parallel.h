@@ -87,3 +87,6 @@ inline void parallel_for(int64_t n, int64_t grain, const F& fn) {
 #define FASTCNN_ISA_CALL(NAME, T, ...) \
   (::fastcnn::cpu_has_avx2() ? NAME##_avx2<T>(__VA_ARGS__) : NAME##_base<T>(__VA_ARGS__))
 #define FASTCNN_ALWAYS_INLINE inline __attribute__((always_inline))
+// A lambda inside an ISA variant's body: its operator() does not take the enclosing
+// function's target, so it must be inlined into it to be compiled for that ISA.
+#define FASTCNN_ALWAYS_INLINE_LAMBDA __attribute__((always_inline))
