@@ -12,10 +12,11 @@ from torch import Tensor
 import fastcnn.ops  # noqa: F401  (registers torch.ops.fastcnn.*)
 from fastcnn.ops import direct, prepared
 from fastcnn.ops.checks import check_tensor
-from fastcnn.ops.avg_pool2d import prepare_avg_pool2d
-from fastcnn.ops.conv2d import check_conv2d, check_conv2d_into, check_user_padding, prepare_conv2d
+from fastcnn.ops.avg_pool2d import prepare_avg_pool2d, prepare_avg_pool2d_grad
+from fastcnn.ops.conv2d import (check_conv2d, check_conv2d_into, check_user_padding, prepare_conv2d,
+                                prepare_conv2d_grad)
 from fastcnn.ops.global_avg_pool2d import prepare_global_avg_pool2d
-from fastcnn.ops.linear import check_linear, prepare_linear
+from fastcnn.ops.linear import check_linear, prepare_linear, prepare_linear_grad
 from fastcnn.ops.max_pool2d import prepare_max_pool2d
 from fastcnn.ops.pool_geometry import pool_params
 
@@ -62,7 +63,7 @@ def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bo
                count_include_pad: bool = True) -> Tensor:
     """As torch.nn.functional.avg_pool2d (without divisor_override)."""
     run = prepared.launcher("avg_pool2d", (input,), (kernel_size, stride, padding, ceil_mode, count_include_pad),
-                            prepare_avg_pool2d)
+                            prepare_avg_pool2d, prepare_avg_pool2d_grad)
     if run is not None:
         return run(input)
     x, unbatched = _batched(input)
@@ -99,7 +100,8 @@ def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, 
     when the weight's data pointer or version counter changes (see
     fastcnn/ops/packed_weights.py): not for weights changed through `.data`."""
     run = prepared.launcher("conv2d", (input, weight, bias, residual, out),
-                            (stride, padding, dilation, groups, act, channel_offset, pack_weight), prepare_conv2d)
+                            (stride, padding, dilation, groups, act, channel_offset, pack_weight), prepare_conv2d,
+                            prepare_conv2d_grad)
     if run is not None:
         return run(input, weight, bias, residual, out)
     x, unbatched = _batched(input)
@@ -146,7 +148,7 @@ def conv2d_relu(input: Tensor, weight: Tensor, bias: Tensor | None = None, strid
 
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, act: str | None = None) -> Tensor:
     """act(torch.nn.functional.linear(input, weight, bias)) as one GEMM with its epilogue fused."""
-    run = prepared.launcher("linear", (input, weight, bias), (act,), prepare_linear)
+    run = prepared.launcher("linear", (input, weight, bias), (act,), prepare_linear, prepare_linear_grad)
     if run is not None:
         return run(input, weight, bias)
     check_linear(input, weight, bias, act)

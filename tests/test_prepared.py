@@ -125,16 +125,63 @@ def test_bad_input_still_names_the_argument_after_a_good_call():
             F.linear(torch.randn(2, 4), torch.randn(3, 5))
 
 
-def test_autograd_and_modes_take_the_usual_path():
+def _grad_cases(dtype, layout):
+    """(name, inputs, fastcnn call, PyTorch reference, tolerance scale) with every input
+    requiring grad, on fresh random data each time. Activations whose gradient cannot
+    flip on rounding (tanh, sigmoid), so the reference needs no output of ours."""
+    def fresh(*shape, lay="nchw"):
+        return make_input(shape, dtype, "cpu", lay, requires_grad=True)
+
+    x, w, b, r = fresh(2, 5, 9, 8, lay=layout), fresh(6, 5, 3, 3), fresh(6), fresh(2, 6, 5, 8, lay=layout)
+    yield ("conv2d", (x, w, b, r),
+           lambda x, w, b, r: F.conv2d(x, w, b, stride=(2, 1), padding=1, residual=r, act="tanh"),
+           lambda x, w, b, r: torch.tanh(torch_F.conv2d(x, w, b, (2, 1), 1) + r), reduction_scale(45))
+    x, w = fresh(2, 4, 7, 7, lay=layout), fresh(3, 4, 1, 1)
+    yield ("conv2d 1x1 no bias", (x, w), lambda x, w: F.conv2d(x, w, act="sigmoid"),
+           lambda x, w: torch.sigmoid(torch_F.conv2d(x, w)), reduction_scale(98))
+    x, w, b = fresh(3, 2, 17), fresh(9, 17), fresh(9)
+    yield ("linear", (x, w, b), lambda x, w, b: F.linear(x, w, b, act="sigmoid"),
+           lambda x, w, b: torch.sigmoid(torch_F.linear(x, w, b)), reduction_scale(17))
+    x = fresh(2, 4, 11, 10, lay=layout)
+    yield ("avg_pool2d", (x,), lambda x: F.avg_pool2d(x, 3, 2, 1, count_include_pad=False),
+           lambda x: torch_F.avg_pool2d(x, 3, 2, 1, count_include_pad=False), 3.0)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_calls_autograd_records_are_prepared_too(dtype, layout):
+    """A call that needs a gradient applies the op's autograd Function over a prepared
+    launch, and the backward formulas' calls (direct.call) run prepared bodies: outputs
+    and gradients match PyTorch's call after call on fresh data (a launcher that kept
+    the first call's tensors would fail), for dense and for expanded (stride 0) output
+    gradients (a signature whose backward launchers fall back to the op's body)."""
+    prepared.clear()
+    for call in range(3):
+        for name, inputs, fastcnn_call, reference, scale in _grad_cases(dtype, layout):
+            got = fastcnn_call(*inputs)
+            assert type(got.grad_fn).__name__.endswith("_functionBackward"), name
+            exact = [t.detach().double().requires_grad_() for t in inputs]
+            expected = reference(*exact)
+            assert_close(got.double(), expected, dtype=dtype, scale=scale)
+            for grad in (torch.randn_like(got), torch.ones((), dtype=dtype).expand(got.shape)):
+                grads = torch.autograd.grad(got, inputs, grad, retain_graph=True)
+                for g, e, t in zip(grads, torch.autograd.grad(expected, exact, grad.double(), retain_graph=True),
+                                   inputs):
+                    assert g.shape == t.shape, name
+                    assert_close(g.double(), e, dtype=dtype, scale=scale * 4)
+    ops = {key[0] for key, run in prepared._PREPARED.items() if run is not None}
+    assert {"conv2d", "linear", "avg_pool2d", "fastcnn::conv2d_input_grad", "fastcnn::conv2d_weight_grad",
+            "fastcnn::bias_act_backward", "fastcnn::linear", "fastcnn::avg_pool2d_backward"} <= ops
+
+
+def test_modes_take_the_usual_path():
     prepared.clear()
     x, w = torch.randn(1, 3, 8, 8, requires_grad=True), torch.randn(4, 3, 3, 3)
-    y = F.conv2d(x, w, act="relu")
-    assert y.grad_fn is not None  # the op's autograd recorded it
-    y.sum().backward()
-    assert x.grad is not None
-    assert not prepared._PREPARED
-    with torch.device("cpu"), torch.no_grad():  # a function mode
-        F.conv2d(x, w)
+    with torch.device("cpu"):  # a function mode
+        y = F.conv2d(x, w, act="relu")
+        assert type(y.grad_fn).__name__ != "fastcnn_conv2d_functionBackward"  # the op's own autograd
+        with torch.no_grad():
+            F.conv2d(x, w)
     assert not prepared._PREPARED
 
 

@@ -150,6 +150,21 @@ def avg_pool2d_backward(grad_output: Tensor, input: Tensor, kernel_size: List[in
                         ceil_mode, count_include_pad)
 
 
+def _prepare_backward_op(grad_output, input, kernel_size, stride, padding, ceil_mode, count_include_pad):
+    """fastcnn::avg_pool2d_backward's body for arguments with this signature:
+    grad_output dense in input's layout."""
+    p = check_avg_pool2d_backward(grad_output, input, kernel_size, stride, padding, ceil_mode, count_include_pad)
+    fmt = memory_format_of(input)
+    if not (input.numel() and grad_output.is_contiguous(memory_format=fmt)):
+        return None
+    launch = BACKWARD[backends.resolve(input.device)]
+    run = prepared.allocating(input.shape, lambda g, like, grad_in: launch(g, grad_in, p, count_include_pad), input)
+    return lambda g, like, *_: run(g, like)
+
+
+direct.register_prepare("fastcnn::avg_pool2d_backward", _prepare_backward_op)
+
+
 @avg_pool2d_backward.register_fake
 def _(grad_output, input, kernel_size, stride, padding, ceil_mode, count_include_pad):
     check_avg_pool2d_backward(grad_output, input, kernel_size, stride, padding, ceil_mode, count_include_pad)
@@ -166,7 +181,25 @@ def _backward(ctx, grad):
     return (direct.call("fastcnn::avg_pool2d_backward", grad, input, *ctx.window),) + (None,) * 5
 
 
+def _prepare_avg_pool2d_op(input, kernel_size, stride, padding, ceil_mode, count_include_pad):
+    """fastcnn::avg_pool2d's body for arguments with this signature (direct.register_prepare)."""
+    run = prepare_avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad)
+    return None if run is None else lambda x, *_: run(x)
+
+
+def prepare_avg_pool2d_grad(input, kernel_size, stride, padding, ceil_mode, count_include_pad):
+    """A launcher for a call of fastcnn.functional.avg_pool2d that autograd records:
+    fastcnn::avg_pool2d's Function over its prepared body."""
+    if input.dim() != 4:
+        return None
+    p = check_avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad)
+    window = (list(p.kernel), list(p.stride), list(p.padding), p.ceil_mode, count_include_pad)
+    run = _prepare_avg_pool2d_op(input, *window)
+    return None if run is None else lambda x: direct.apply("fastcnn::avg_pool2d", run, x, *window)
+
+
 direct.register_autograd(avg_pool2d, "fastcnn::avg_pool2d", _backward, _setup_context)
+direct.register_prepare("fastcnn::avg_pool2d", _prepare_avg_pool2d_op)
 
 
 # The backward is linear in grad_output and is the forward's transpose, so its own

@@ -176,6 +176,26 @@ def bias_act_backward(grad: Tensor, out: Tensor, act: Optional[str] = "relu") ->
     return _run_backward(BACKWARD[backends.resolve(out.device)], grad, out, act)
 
 
+def _prepare_bias_act_backward(grad, out, act):
+    """fastcnn::bias_act_backward's body for arguments with this signature: both
+    tensors dense in out's layout, and not empty."""
+    check_bias_act_backward(grad, out, act)
+    fmt = memory_format_of(out)
+    if not (out.numel() and out.is_contiguous(memory_format=fmt) and grad.is_contiguous(memory_format=fmt)):
+        return None
+    launch, shape, channels = BACKWARD[backends.resolve(out.device)], tuple(out.shape), out.shape[1]
+
+    def run(grad, out, _):
+        grad_x = torch.empty(shape, dtype=out.dtype, device=out.device, memory_format=fmt)
+        grad_bias = out.new_empty(channels)
+        launch(grad, out, grad_x, grad_bias, act)
+        return grad_x, grad_bias
+    return run
+
+
+direct.register_prepare("fastcnn::bias_act_backward", _prepare_bias_act_backward)
+
+
 @bias_act_backward.register_fake
 def _(grad, out, act="relu"):
     check_bias_act_backward(grad, out, act)

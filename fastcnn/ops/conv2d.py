@@ -36,7 +36,7 @@ from fastcnn.ops.launch import backend_table
 from fastcnn.ops.layout import memory_format_of, new_like
 from fastcnn.ops.packed_weights import packed_conv_weight
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
-from fastcnn.ops import direct
+from fastcnn.ops import direct, prepared
 from fastcnn.ops.precision import acc_dtype
 
 ACTS = (None, "relu", "tanh", "sigmoid")
@@ -261,17 +261,45 @@ def prepare_conv2d(input, weight, bias, residual, out, stride, padding, dilation
         return run_into
     if channel_offset != 0:
         return None
+    return _allocating_forward(backend, input, weight, residual, params, act, pack_weight)
+
+
+def _allocating_forward(backend, input, weight, residual, params, act, pack_weight):
+    """A launcher (x, w, b, r, *ignored) -> new output, for tensors like these."""
     shape, fmt = output_shape(input, weight, params), memory_format_of(input)
     like_out = torch.empty(shape, dtype=input.dtype, device="meta", memory_format=fmt)
     launch = _bind_forward(backend, input, weight, residual, like_out, params, act, pack_weight)
     nonempty = all(shape)
 
-    def run(x, w, b, r, o):
+    def run(x, w, b, r, *_):
         y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
         if nonempty:
             launch(x, w, b, r, y)
         return y
     return run
+
+
+def _prepare_conv2d_op(input, weight, bias, residual, stride, padding, dilation, groups, act):
+    """fastcnn::conv2d's body for arguments with this signature (direct.register_prepare)."""
+    if bias is not None and not bias.is_contiguous():
+        return None
+    params = check_conv2d(input, weight, bias, residual, stride, padding, dilation, groups, act)
+    return _allocating_forward(backends.resolve(input.device), input, weight, residual, params, act, False)
+
+
+def prepare_conv2d_grad(input, weight, bias, residual, out, stride, padding, dilation, groups, act, channel_offset,
+                        pack_weight):
+    """A launcher for a call of fastcnn.functional.conv2d that autograd records (4-D
+    input, no out): fastcnn::conv2d's Function over its prepared body."""
+    if input.dim() != 4 or out is not None or channel_offset != 0:
+        return None
+    check_user_padding(padding)
+    params = check_conv2d(input, weight, bias, residual, stride, padding, dilation, groups, act)
+    options = (*params.as_lists(), act)
+    run = _prepare_conv2d_op(input, weight, bias, residual, *options)
+    if run is None:
+        return None
+    return lambda x, w, b, r, o: direct.apply("fastcnn::conv2d", run, x, w, b, r, *options)
 
 
 # --- input gradient: grad_input = conv_transpose(grad_pre, weight), as a gather
@@ -350,6 +378,19 @@ def conv2d_input_grad(grad: Tensor, weight: Tensor, input_size: list[int], strid
                            dilation, groups)
 
 
+def _prepare_input_grad(grad, weight, input_size, stride, padding, dilation, groups):
+    """fastcnn::conv2d_input_grad's body for arguments with this signature."""
+    params = check_conv2d_input_grad(grad, weight, input_size, stride, padding, dilation, groups)
+    if not (grad.numel() and weight.numel()):
+        return None
+    launch = INPUT_GRAD[backends.resolve(grad.device)]
+    run = prepared.allocating(input_size, lambda g, w, out: launch(g, w, out, params), like=grad)
+    return lambda g, w, *_: run(g, w)
+
+
+direct.register_prepare("fastcnn::conv2d_input_grad", _prepare_input_grad)
+
+
 @conv2d_input_grad.register_fake
 def _(grad, weight, input_size, stride, padding, dilation, groups):
     check_conv2d_input_grad(grad, weight, input_size, stride, padding, dilation, groups)
@@ -426,6 +467,19 @@ def conv2d_weight_grad(grad: Tensor, input: Tensor, weight_size: list[int], stri
                             dilation, groups)
 
 
+def _prepare_weight_grad(grad, input, weight_size, stride, padding, dilation, groups):
+    """fastcnn::conv2d_weight_grad's body for arguments with this signature."""
+    params = check_conv2d_weight_grad(grad, input, weight_size, stride, padding, dilation, groups)
+    if not grad.numel():
+        return None
+    launch = WEIGHT_GRAD[backends.resolve(grad.device)]
+    run = prepared.allocating(weight_size, lambda g, x, out: launch(g, x, out, params))
+    return lambda g, x, *_: run(g, x)
+
+
+direct.register_prepare("fastcnn::conv2d_weight_grad", _prepare_weight_grad)
+
+
 @conv2d_weight_grad.register_fake
 def _(grad, input, weight_size, stride, padding, dilation, groups):
     check_conv2d_weight_grad(grad, input, weight_size, stride, padding, dilation, groups)
@@ -469,6 +523,7 @@ def _backward(ctx, grad):
 
 
 direct.register_autograd(conv2d, "fastcnn::conv2d", _backward, _setup_context)
+direct.register_prepare("fastcnn::conv2d", _prepare_conv2d_op)
 
 
 # --- Triton twins that torch.compile traces into (see triton_route.py)

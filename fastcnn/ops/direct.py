@@ -19,6 +19,7 @@ import torch
 
 _BODIES: dict[str, Callable] = {}
 _AUTOGRAD: dict[str, type] = {}  # register_autograd's Functions, by op name
+_PREPARE: dict[str, Callable] = {}  # register_prepare's functions, by op name
 
 
 def custom_op(name: str, **kwargs):
@@ -29,8 +30,8 @@ def custom_op(name: str, **kwargs):
     return register
 
 
-def _plain(t) -> bool:
-    return type(t) in (torch.Tensor, torch.nn.Parameter) and not t.is_meta
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+_STRIDED = torch.strided
 
 
 def modes_active() -> bool:
@@ -49,23 +50,39 @@ def register_autograd(op, name: str, backward: Callable, setup_context: Callable
     op.register_autograd(backward, setup_context=setup_context)
     body = _BODIES[name]
 
-    # forward(ctx, *args) in the combined style: a Function with a separate
+    # forward(ctx, *args, run) in the combined style: a Function with a separate
     # setup_context has Function.apply bind its arguments through inspect.signature
     # on every call (~25 us). That style is only needed under functorch transforms,
-    # which take the op itself (modes_active).
-    def forward(ctx, *args):
-        out = body(*args)
+    # which take the op itself (modes_active). `run` is the body or a prepared
+    # launcher for these arguments; it comes last so that needs_input_grad keeps
+    # the op's argument positions.
+    def forward(ctx, *args_and_run):
+        *args, run = args_and_run
+        out = run(*args)
         setup_context(ctx, args, out)
         return out
 
+    def backward_with_run(ctx, *grads):
+        grad_inputs = backward(ctx, *grads)
+        if not isinstance(grad_inputs, (tuple, list)):
+            grad_inputs = (grad_inputs,)
+        return (*grad_inputs, None)  # none for `run`
+
     _AUTOGRAD[name] = type(name.replace("::", "_") + "_function", (torch.autograd.Function,), {
         "forward": staticmethod(forward),
-        "backward": staticmethod(backward),
+        "backward": staticmethod(backward_with_run),
     })
 
 
+def register_prepare(name: str, prepare: Callable) -> None:
+    """prepare(*args) -> run or None for op `name`: its body's checks done once for
+    arguments with this signature (prepared.op_launcher), run(*args) then giving
+    what body(*args) gives; None where the body must run (an edge case it handles)."""
+    _PREPARE[name] = prepare
 
-def _grad_wanted(args) -> bool | None:
+
+
+def grad_wanted(args) -> bool | None:
     """None where the dispatcher is needed (a mode, or a tensor that is not a plain
     strided one), else whether autograd must record the call."""
     if modes_active():
@@ -74,24 +91,37 @@ def _grad_wanted(args) -> bool | None:
     wanted = False
     for a in args:
         if isinstance(a, torch.Tensor):
-            if not _plain(a) or a.layout != torch.strided:
+            if type(a) not in _PLAIN_TYPES or a.is_meta or a.layout != _STRIDED:
                 return None
-            wanted = wanted or (grad and a.requires_grad)
+            if grad and not wanted:
+                wanted = a.requires_grad
     return wanted
 
 
 def dispatcher_needed(args) -> bool:
-    return _grad_wanted(args) is not False
+    return grad_wanted(args) is not False
 
 
 def call(name: str, *args):
     """torch.ops.<name>(*args), run without the dispatcher where that changes nothing:
     the body itself when no gradient is wanted, the body under the op's own autograd
     formulas (register_autograd) when one is."""
-    wanted = _grad_wanted(args)
-    if wanted is False:
-        return _BODIES[name](*args)
-    if wanted and name in _AUTOGRAD:
-        return _AUTOGRAD[name].apply(*args)
-    namespace, op = name.split("::")
-    return getattr(getattr(torch.ops, namespace), op)(*args)
+    wanted = grad_wanted(args)
+    if wanted is None or (wanted and name not in _AUTOGRAD):
+        namespace, op = name.split("::")
+        return getattr(getattr(torch.ops, namespace), op)(*args)
+    prepare = _PREPARE.get(name)
+    run = (prepare and prepared.op_launcher(name, args, prepare)) or _BODIES[name]
+    return _AUTOGRAD[name].apply(*args, run) if wanted else run(*args)
+
+
+
+def apply(name: str, run: Callable, *args):
+    """op `name` on args, recorded by autograd through its Function, with `run` (a
+    prepared launcher for these arguments) in place of the body; for callers that
+    have found a gradient wanted and no dispatcher needed (grad_wanted is True)."""
+    return _AUTOGRAD[name].apply(*args, run)
+
+
+# At the end: prepared.py imports this module for dispatcher_needed.
+from fastcnn.ops import prepared  # noqa: E402

@@ -110,6 +110,22 @@ def prepare_linear(input, weight, bias, act):
                                lambda x, w, b, out: launch(x.reshape(m, k), w, b, out.view(m, n), act))
 
 
+def _prepare_linear_op(input, weight, bias, act):
+    """fastcnn::linear's body for arguments with this signature (direct.register_prepare)."""
+    run = prepare_linear(input, weight, bias, act)
+    return None if run is None else lambda x, w, b, _: run(x, w, b)
+
+
+def prepare_linear_grad(input, weight, bias, act):
+    """A launcher for a call of fastcnn.functional.linear that autograd records:
+    fastcnn::linear's Function over its prepared body."""
+    run = _prepare_linear_op(input, weight, bias, act)
+    return None if run is None else lambda x, w, b: direct.apply("fastcnn::linear", run, x, w, b, act)
+
+
+direct.register_prepare("fastcnn::linear", _prepare_linear_op)
+
+
 @linear.register_fake
 def _(input, weight, bias, act):
     check_linear(input, weight, bias, act)

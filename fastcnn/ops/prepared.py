@@ -1,4 +1,4 @@
-"""Prepared launches: an eager inference call's checks done once per signature.
+"""Prepared launches: an eager call's checks done once per signature.
 
 A layer calls its op with the same kinds of arguments every time, and at batch 1
 checking them, normalising them and working out the output's size and layout cost
@@ -8,10 +8,13 @@ True and 1 stay apart; the selected backend) runs the op's usual checks and
 returns a launcher: a closure that allocates the output and launches the kernel,
 reading only the tensors' data. Later calls with that signature run the launcher.
 
-Only calls that direct.call would run without the dispatcher get one (no
-gradient wanted, plain tensors, no tracing or mode): everything else, and any
-call whose preparation fails, takes the op's usual path, which checks again and
-raises the error that names the argument at fault.
+Only calls that direct.call would run without the dispatcher get one (plain
+tensors, no tracing or mode): everything else, and any call whose preparation
+fails, takes the op's usual path, which checks again and raises the error that
+names the argument at fault. Where a gradient is wanted, the launcher applies the
+op's autograd Function (direct.apply) over a launcher for the op's own body.
+direct.call prepares op bodies the same way (op_launcher), which is what the
+backward formulas' calls and the functions without a launcher of their own use.
 """
 
 from __future__ import annotations
@@ -31,22 +34,44 @@ _PREPARED: dict[tuple, Launcher | None] = {}
 _MAX_PREPARED = 4096
 
 
-def launcher(op: str, tensors: tuple, options: tuple, prepare: Callable[..., Launcher | None]) -> Launcher | None:
+def launcher(op: str, tensors: tuple, options: tuple, prepare: Callable[..., Launcher | None],
+             prepare_grad: Callable[..., Launcher | None] | None = None) -> Launcher | None:
     """The launcher for `op` called with `tensors` (each a tensor or None) and
-    `options` (everything else), from prepare(*tensors, *options) on first use; None
-    where the call must take the op's usual path."""
-    if (any(t is not None and not isinstance(t, torch.Tensor) for t in tensors)
-            or direct.dispatcher_needed(tensors)):
+    `options` (everything else), from prepare(*tensors, *options) on first use, or,
+    where autograd must record the call, from prepare_grad (a launcher that applies
+    the op's autograd Function: direct.apply); None where the call must take the
+    op's usual path."""
+    if any(t is not None and not isinstance(t, torch.Tensor) for t in tensors):
         return None  # not a tensor: the usual path names the argument
+    wanted = direct.grad_wanted(tensors)
+    if wanted is None or (wanted and prepare_grad is None):
+        return None
     selected = backends.selected_backend()
-    key = (op, selected, os.environ.get("TRITON_INTERPRET") if selected == "triton" else None, repr(options),
-           *(None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in tensors))
+    key = (op, wanted, selected, os.environ.get("TRITON_INTERPRET") if selected == "triton" else None,
+           repr(options), *(None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in tensors))
+    return _cached(key, prepare_grad if wanted else prepare, (*tensors, *options))
+
+
+def op_launcher(op: str, args: tuple, prepare: Callable[..., Launcher | None]) -> Launcher | None:
+    """For direct.call, whose caller has found that no dispatcher is needed: the
+    launcher run(*args) for op `op` called with its own arguments `args`, from
+    prepare(*args) (direct.register_prepare) on first use; None where the op's body
+    must run. Keyed as `launcher` is, each argument in its place: a tensor by its
+    signature, anything else by its repr."""
+    selected = backends.selected_backend()
+    key = (op, selected, os.environ.get("TRITON_INTERPRET") if selected == "triton" else None,
+           repr([a for a in args if not isinstance(a, torch.Tensor)]),
+           *((a.shape, a.stride(), a.dtype, a.device) if isinstance(a, torch.Tensor) else None for a in args))
+    return _cached(key, prepare, args)
+
+
+def _cached(key: tuple, prepare: Callable[..., Launcher | None], args: tuple) -> Launcher | None:
     try:
         return _PREPARED[key]
     except KeyError:
         pass
     try:
-        run = prepare(*tensors, *options)
+        run = prepare(*args)
     except Exception:  # noqa: BLE001 - the usual path raises it, with its message
         return None
     if len(_PREPARED) >= _MAX_PREPARED:
