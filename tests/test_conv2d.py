@@ -218,6 +218,45 @@ def test_cpu_input_grad_as_forward(conv, layout, dtype):
         check_forward_and_grads(conv, dtype, "cpu", layout, "relu", residual=False)
 
 
+# One group, at most 8 input channels, a multiple of 8 output channels, channels_last
+# output gradient, float32: the CPU weight gradient broadcasts each pixel's taps from the
+# input (its zero-padded copy where there is padding) against the output gradient read
+# in place, 16 channels at a time (8 where the count is not a multiple of 16), over
+# pixel splits fixed by the shape (several splits from 512 pixels on).
+WEIGHT_GRAD_SMALL_TAPS = [
+    Conv("wg_lenet", 2, 6, 14, 14, 16, (5, 5)),
+    Conv("wg_padded_rect", 2, 3, 11, 10, 8, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1)),
+    Conv("wg_stem_7x7", 1, 3, 23, 21, 64, (7, 7), stride=2, padding=3),
+    Conv("wg_one_channel", 1, 1, 9, 12, 24, (3, 3), padding=1),
+    Conv("wg_many_splits", 3, 5, 19, 17, 16, (3, 4), padding=(2, 1), dilation=(1, 2)),
+    Conv("wg_same_even", 2, 8, 6, 7, 40, (2, 4), padding="same"),
+]
+
+
+@pytest.mark.parametrize("conv", WEIGHT_GRAD_SMALL_TAPS, ids=str)
+@pytest.mark.parametrize("layout", ["channels_last", "nchw"])
+def test_cpu_weight_grad_small_taps(conv, layout):
+    if "cpu" not in fastcnn.available_backends("cpu"):
+        pytest.skip("fastcnn._cpu is not built")
+    with fastcnn.use_backend("cpu"):
+        check_forward_and_grads(conv, torch.float32, "cpu", layout, "relu", residual=False)
+
+
+def test_cpu_weight_grad_small_taps_same_bits_every_run():
+    if "cpu" not in fastcnn.available_backends("cpu"):
+        pytest.skip("fastcnn._cpu is not built")
+    x = make_input((4, 3, 30, 28), torch.float32, "cpu", "channels_last")  # 3360 pixels: 6 splits
+    grad = make_input((4, 16, 30, 28), torch.float32, "cpu", "channels_last")
+    with fastcnn.use_backend("cpu"):
+        runs = [torch.ops.fastcnn.conv2d_weight_grad(grad, x, [16, 3, 3, 3], [1, 1], [1, 1, 1, 1], [1, 1], 1)
+                for _ in range(3)]
+    reference = torch.ops.aten.convolution_backward(grad.double(), x.double(), torch.empty(16, 3, 3, 3).double(),
+                                                    None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                                    [False, True, False])[1]
+    assert_close(runs[0].double(), reference, dtype=torch.float32, scale=reduction_scale(3360))
+    assert all(torch.equal(run, runs[0]) for run in runs[1:])
+
+
 def test_float64(backend_device):
     backend, device = backend_device
     if device == "cuda" and backend != "triton":
@@ -381,12 +420,14 @@ x = torch.randn(8, 16, 23, 29).contiguous(memory_format=torch.channels_last)
 grad = torch.randn(8, 24, 23, 29).contiguous(memory_format=torch.channels_last)
 with fastcnn.use_backend("cpu"):
     gw = torch.ops.fastcnn.conv2d_weight_grad(grad, x, [24, 16, 3, 3], [1, 1], [1, 1, 1, 1], [1, 1], 1)
+    # Few input channels (the small-taps weight gradient, 8 pixel splits).
+    small = torch.ops.fastcnn.conv2d_weight_grad(grad, x[:, :3], [24, 3, 3, 3], [1, 1], [1, 1, 1, 1], [1, 1], 1)
     # A linear weight gradient: a reduction over all 5336 pixels.
     g2, x2 = grad.permute(0, 2, 3, 1).reshape(-1, 24), x.permute(0, 2, 3, 1).reshape(-1, 16)
     lw = torch.ops.fastcnn.linear(g2.t(), x2.t(), None, None)
     # Batch-1 FC inference (the matrix-vector path): 4099 outputs over both threads.
     fc = torch.ops.fastcnn.linear(torch.randn(1, 1001), torch.randn(4099, 1001), torch.randn(4099), "relu")
-print(*(hashlib.sha256(t.numpy().tobytes()).hexdigest() for t in (gw, lw, fc)))
+print(*(hashlib.sha256(t.numpy().tobytes()).hexdigest() for t in (gw, small, lw, fc)))
 """
 
 
