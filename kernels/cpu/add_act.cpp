@@ -27,8 +27,16 @@ FASTCNN_ISA_VARIANTS(add_act_chunk, add_act_body)
 template <class T>
 FASTCNN_ALWAYS_INLINE void add_act_backward_body(const T* grad, const T* out, T* grad_in,
                                                  int64_t begin, int64_t end, Act act) {
-  for (int64_t i = begin; i < end; ++i)
-    store(grad_in, i, act_grad_from_output(load(grad, i), load(out, i), act));
+  using F = acc_t<T>;
+  if (act == Act::relu) {  // a loop of its own vectorises (through the switch: 3.5x slower than eager)
+    for (int64_t i = begin; i < end; ++i) {
+      const F y = load(out, i), g = load(grad, i);
+      store(grad_in, i, y <= F(0) ? F(0) : g);  // NaN output passes grad, as torch does
+    }
+  } else {
+    for (int64_t i = begin; i < end; ++i)
+      store(grad_in, i, act_grad_from_output(load(grad, i), load(out, i), act));
+  }
 }
 FASTCNN_ISA_VARIANTS(add_act_backward_chunk, add_act_backward_body)
 
