@@ -53,7 +53,7 @@ def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, c
     p = pool_params(x, kernel_size, stride, padding, dilation, ceil_mode)
     window = (list(p.kernel), list(p.stride), list(p.padding), list(p.dilation), p.ceil_mode)
     if torch.is_grad_enabled() and x.requires_grad:
-        out, _ = torch.ops.fastcnn.max_pool2d(x, *window)
+        out, _ = direct.call("fastcnn::max_pool2d", x, *window)
     else:
         out = direct.call("fastcnn::max_pool2d_no_indices", x, *window)
     return out.squeeze(0) if unbatched else out

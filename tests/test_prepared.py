@@ -145,6 +145,9 @@ def _grad_cases(dtype, layout):
     x = fresh(2, 4, 11, 10, lay=layout)
     yield ("avg_pool2d", (x,), lambda x: F.avg_pool2d(x, 3, 2, 1, count_include_pad=False),
            lambda x: torch_F.avg_pool2d(x, 3, 2, 1, count_include_pad=False), 3.0)
+    x = fresh(2, 4, 11, 10, lay=layout)
+    yield ("max_pool2d", (x,), lambda x: F.max_pool2d(x, 3, 2, 1, ceil_mode=True),
+           lambda x: torch_F.max_pool2d(x, 3, 2, 1, ceil_mode=True), 1.0)
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
@@ -171,7 +174,8 @@ def test_calls_autograd_records_are_prepared_too(dtype, layout):
                     assert_close(g.double(), e, dtype=dtype, scale=scale * 4)
     ops = {key[0] for key, run in prepared._PREPARED.items() if run is not None}
     assert {"conv2d", "linear", "avg_pool2d", "fastcnn::conv2d_input_grad", "fastcnn::conv2d_weight_grad",
-            "fastcnn::bias_act_backward", "fastcnn::linear", "fastcnn::avg_pool2d_backward"} <= ops
+            "fastcnn::bias_act_backward", "fastcnn::linear", "fastcnn::avg_pool2d_backward",
+            "fastcnn::max_pool2d_backward"} <= ops
 
 
 def test_modes_take_the_usual_path():

@@ -86,7 +86,7 @@ FORWARD = backend_table(torch=_torch_max_pool2d, cpu=_cpu_max_pool2d, cuda=_cuda
                         triton=_triton_max_pool2d)
 
 
-@torch.library.custom_op("fastcnn::max_pool2d", mutates_args=(), schema=FORWARD_SCHEMA)
+@direct.custom_op("fastcnn::max_pool2d", mutates_args=(), schema=FORWARD_SCHEMA)
 def max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode):
     params = check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
     out, indices = _new_outputs(input, params)
@@ -199,6 +199,23 @@ def max_pool2d_backward(grad_output, indices, input, kernel_size, stride, paddin
     return grad_input
 
 
+def _prepare_max_pool2d_backward(grad_output, indices, input, kernel_size, stride, padding, dilation, ceil_mode):
+    """fastcnn::max_pool2d_backward's body for arguments with this signature
+    (direct.register_prepare): grad_output and indices dense in input's layout."""
+    params = check_max_pool2d_backward(grad_output, indices, input, kernel_size, stride, padding, dilation,
+                                       ceil_mode)
+    fmt = memory_format_of(input)
+    if not (input.numel() and grad_output.is_contiguous(memory_format=fmt)
+            and indices.is_contiguous(memory_format=fmt)):
+        return None
+    launch = BACKWARD[backends.resolve(input.device)]
+    run = prepared.allocating(input.shape, lambda g, i, like, grad_in: launch(g, i, grad_in, params), input)
+    return lambda g, i, like, *_: run(g, i, like)
+
+
+direct.register_prepare("fastcnn::max_pool2d_backward", _prepare_max_pool2d_backward)
+
+
 @max_pool2d_backward.register_fake
 def _(grad_output, indices, input, kernel_size, stride, padding, dilation, ceil_mode):
     check_max_pool2d_backward(grad_output, indices, input, kernel_size, stride, padding, dilation, ceil_mode)
@@ -222,7 +239,7 @@ def _backward(ctx, grad_output, _grad_indices):
     return grad_input, None, None, None, None, None
 
 
-max_pool2d.register_autograd(_backward, setup_context=_setup_context)
+direct.register_autograd(max_pool2d, "fastcnn::max_pool2d", _backward, _setup_context)
 
 
 # --- Triton twins that torch.compile traces into (see triton_route.py)
