@@ -322,3 +322,22 @@ def test_lenet5_learns():
         accuracy = (model(images).argmax(1) == labels).float().mean().item()
     assert accuracy > 0.9
 
+
+
+def test_googlenet_branches_into_slices_matches_cat_and_hands_back_views():
+    """Inception's training path: the branches side by side as torch.cat would put them,
+    and each branch's gradient is its slice of the output gradient, a view in the same
+    layout (a copy into a view of a plain tensor made autograd hand back NCHW copies)."""
+    from fastcnn.models.googlenet import BranchesIntoSlices
+    branches = [torch.randn(2, c, 5, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
+                for c in (3, 5, 2)]
+    out = BranchesIntoSlices.apply(*branches)
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out, torch.cat(branches, 1))
+    grad = torch.randn(out.shape).contiguous(memory_format=torch.channels_last)
+    grads = torch.autograd.grad(out, branches, grad)
+    offset = 0
+    for g, b in zip(grads, branches):
+        assert torch.equal(g, grad[:, offset:offset + b.shape[1]])
+        assert g.untyped_storage().data_ptr() == grad.untyped_storage().data_ptr() and g.stride() == grad.stride()
+        offset += b.shape[1]
