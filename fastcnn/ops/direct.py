@@ -6,9 +6,12 @@ than many of the kernels it launches at batch 1. When no tracing, mode or
 transform is active and the tensors are plain, the op's own Python body gives the
 same result, so `call` runs it directly; where a gradient is wanted, under a
 torch.autograd.Function made of the op's registered backward and setup_context
-(register_autograd). Everything else (torch.compile, fake and meta tensors,
-dispatch and function modes such as torch.device(...), functorch transforms, the
-profiler) goes through the op as usual.
+(register_autograd). Where an op registers a prepare function (register_prepare),
+its body's checks run once per argument signature (prepared.op_launcher): the
+backward formulas call their ops through `call`, so a training step checks each
+op's arguments once, not on every step. Everything else (torch.compile, fake and
+meta tensors, dispatch and function modes such as torch.device(...), functorch
+transforms, the profiler) goes through the op as usual.
 """
 
 from __future__ import annotations
@@ -81,7 +84,6 @@ def register_prepare(name: str, prepare: Callable) -> None:
     _PREPARE[name] = prepare
 
 
-
 def grad_wanted(args) -> bool | None:
     """None where the dispatcher is needed (a mode, or a tensor that is not a plain
     strided one), else whether autograd must record the call."""
@@ -105,7 +107,8 @@ def dispatcher_needed(args) -> bool:
 def call(name: str, *args):
     """torch.ops.<name>(*args), run without the dispatcher where that changes nothing:
     the body itself when no gradient is wanted, the body under the op's own autograd
-    formulas (register_autograd) when one is."""
+    formulas (register_autograd) when one is; the body as prepared for arguments with
+    this signature where the op has register_prepare."""
     wanted = grad_wanted(args)
     if wanted is None or (wanted and name not in _AUTOGRAD):
         namespace, op = name.split("::")
@@ -115,7 +118,6 @@ def call(name: str, *args):
     return _AUTOGRAD[name].apply(*args, run) if wanted else run(*args)
 
 
-
 def apply(name: str, run: Callable, *args):
     """op `name` on args, recorded by autograd through its Function, with `run` (a
     prepared launcher for these arguments) in place of the body; for callers that
@@ -123,5 +125,5 @@ def apply(name: str, run: Callable, *args):
     return _AUTOGRAD[name].apply(*args, run)
 
 
-# At the end: prepared.py imports this module for dispatcher_needed.
+# At the end: prepared.py imports this module (grad_wanted, apply).
 from fastcnn.ops import prepared  # noqa: E402
