@@ -64,6 +64,12 @@ def _cases(dtype, device):
         if layout == "nchw" or dtype != torch.bfloat16:
             yield from ((f"{name}-{layout}", *rest) for name, *rest in pools(layout))
     yield ("linear", *linear(), reduction_scale(17))
+    # 2-D input and weight with transposed strides (the backward's products): a launch with
+    # every stride bound at preparation.
+    xt = torch.randn(17, 5, dtype=dtype, device=device).t()
+    wt = torch.randn(17, 9, dtype=dtype, device=device).t()
+    yield ("linear-2d-transposed", lambda: F.linear(xt, wt, act="relu"),
+           lambda: torch.relu(torch_F.linear(xt.double(), wt.double())), reduction_scale(17))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

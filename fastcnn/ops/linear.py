@@ -104,10 +104,27 @@ def prepare_linear(input, weight, bias, act):
     if (bias is not None and not bias.is_contiguous()) or input.shape[-1] == 0:
         return None
     check_linear(input, weight, bias, act)
-    launch = FORWARD[backends.resolve(input.device)]
+    backend = backends.resolve(input.device)
     (n, k), m = weight.shape, math.prod(input.shape[:-1])
-    return prepared.allocating(_output_shape(input, weight),
-                               lambda x, w, b, out: launch(x.reshape(m, k), w, b, out.view(m, n), act))
+    shape = _output_shape(input, weight)
+    if backend == "cpu" and input.dim() == 2 and m and n:  # 2-D: the strides are the input's own
+        return _bind_cpu_linear(input.stride(), weight.stride(), m, n, k, shape, input.dtype, act)
+    launch = FORWARD[backend]
+    return prepared.allocating(shape, lambda x, w, b, out: launch(x.reshape(m, k), w, b, out.view(m, n), act))
+
+
+def _bind_cpu_linear(a_stride, w_stride, m, n, k, shape, dtype, act):
+    """The CPU launch with sizes, strides and codes bound: a prepared call only reads
+    pointers (a batch-1 FC call's own Python costs more than its kernel)."""
+    module, code, act_code = _native.load("_cpu"), _native.DTYPE_CODES[dtype], _native.ACT_CODES[act]
+    (as0, as1), (ws0, ws1) = a_stride, w_stride
+
+    def run(x, w, b):
+        out = torch.empty(shape, dtype=x.dtype, device=x.device)
+        module.linear(x.data_ptr(), as0, as1, w.data_ptr(), ws0, ws1, 0 if b is None else b.data_ptr(),
+                      out.data_ptr(), n, 1, m, n, k, code, act_code)
+        return out
+    return run
 
 
 def _prepare_linear_op(input, weight, bias, act):
