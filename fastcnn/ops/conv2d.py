@@ -383,9 +383,35 @@ def _prepare_input_grad(grad, weight, input_size, stride, padding, dilation, gro
     params = check_conv2d_input_grad(grad, weight, input_size, stride, padding, dilation, groups)
     if not (grad.numel() and weight.numel()):
         return None
-    launch = INPUT_GRAD[backends.resolve(grad.device)]
-    run = prepared.allocating(input_size, lambda g, w, out: launch(g, w, out, params), like=grad)
+    backend = backends.resolve(grad.device)
+    if backend == "cpu":
+        launch = _bind_cpu_backward("conv2d_input_grad", grad, weight, input_size, memory_format_of(grad), params)
+    else:
+        launch = _bind_backward(INPUT_GRAD[backend], params)
+    run = prepared.allocating(input_size, launch, like=grad)
     return lambda g, w, *_: run(g, w)
+
+
+def _bind_backward(grad_op, params):
+    """A gradient launch (grad, other, out) of a backend's launcher with params bound."""
+    def launch(g, o, out):
+        grad_op(g, o, out, params)
+    return launch
+
+
+def _bind_cpu_backward(kernel: str, grad, other, out_size, out_format, params):
+    """A CPU gradient launch (grad, other, out) with geometry, strides and dtype bound
+    (other: the weight for the input gradient, the input for the weight gradient)."""
+    module = _native.load("_cpu")
+    image, kernel_shape = (out_size, other.shape) if kernel == "conv2d_input_grad" else (other.shape, out_size)
+    geom, code = geometry(params, image, kernel_shape), _native.DTYPE_CODES[grad.dtype]
+    g_stride, o_stride = list(grad.stride()), list(other.stride())
+    out_stride = list(torch.empty(out_size, device="meta", memory_format=out_format).stride())
+    native = getattr(module, kernel)
+
+    def launch(g, o, out):
+        native(g.data_ptr(), g_stride, o.data_ptr(), o_stride, out.data_ptr(), out_stride, geom, code)
+    return launch
 
 
 direct.register_prepare("fastcnn::conv2d_input_grad", _prepare_input_grad)
@@ -472,8 +498,12 @@ def _prepare_weight_grad(grad, input, weight_size, stride, padding, dilation, gr
     params = check_conv2d_weight_grad(grad, input, weight_size, stride, padding, dilation, groups)
     if not grad.numel():
         return None
-    launch = WEIGHT_GRAD[backends.resolve(grad.device)]
-    run = prepared.allocating(weight_size, lambda g, x, out: launch(g, x, out, params))
+    backend = backends.resolve(grad.device)
+    if backend == "cpu":
+        launch = _bind_cpu_backward("conv2d_weight_grad", grad, input, weight_size, torch.contiguous_format, params)
+    else:
+        launch = _bind_backward(WEIGHT_GRAD[backend], params)
+    run = prepared.allocating(weight_size, launch)
     return lambda g, x, *_: run(g, x)
 
 
