@@ -37,16 +37,20 @@ def time_ms(fn: Callable[[], object], device: torch.device, *, warmup: int = 3, 
 
 
 def time_ms_interleaved(fns: dict[str, Callable[[], object]], device: torch.device, *, budget_ms: float = 1000.0,
-                        min_repeats: int = 3, max_repeats: int = 200) -> dict[str, float]:
+                        min_repeats: int = 3, max_repeats: int = 200, warmup_rounds: int = 2) -> dict[str, float]:
     """Median milliseconds per call of each callable, sampled in rounds that run each
     once in turn, so that a slow spell of a shared machine (other jobs, a clock
     change) falls on every contender alike instead of on whichever was being timed
     then. About budget_ms per contender; on a GPU each sample times a batch of calls
-    between CUDA events, as time_ms does."""
+    between CUDA events, as time_ms does. `warmup_rounds` untimed interleaved rounds
+    come first: with several large models in memory the first few calls of one of
+    them can run 2x slow while the others settle (AlexNet's training step at batch 1
+    on the 2-core CPU: its 3rd to 5th interleaved steps), and where only 5 rounds fit
+    the budget that decided the median."""
     first = {name: time_ms(fn, device, warmup=1, repeats=1) for name, fn in fns.items()}
     round_ms = sum(first.values())
     repeats = int(min(max_repeats, max(min_repeats, budget_ms * len(fns) / max(round_ms, 1e-3))))
-    if round_ms < 100 * len(fns):
+    for _ in range(warmup_rounds):
         for fn in fns.values():
             fn()
     samples: dict[str, list[float]] = {name: [] for name in fns}
