@@ -100,10 +100,6 @@ def grad_wanted(args) -> bool | None:
     return wanted
 
 
-def dispatcher_needed(args) -> bool:
-    return grad_wanted(args) is not False
-
-
 def call(name: str, *args):
     """torch.ops.<name>(*args), run without the dispatcher where that changes nothing:
     the body itself when no gradient is wanted, the body under the op's own autograd
