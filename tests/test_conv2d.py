@@ -257,6 +257,44 @@ def test_cpu_weight_grad_small_taps_same_bits_every_run():
     assert all(torch.equal(run, runs[0]) for run in runs[1:])
 
 
+# Output layouts of the CPU weight-gradient kernel: rows already in its (r, s, c) column
+# order (channels_last), the contiguous layout autograd hands out (rows reordered from a
+# scratch, 8 taps x 8 channels at a time with remainders), and any other strides.
+WEIGHT_GRAD_OUT_LAYOUTS = {
+    "contiguous": (0, 1, 2, 3),
+    "channels_last": (0, 2, 3, 1),
+    "k_r_c_s": (0, 2, 1, 3),
+}
+
+
+@pytest.mark.parametrize("out_layout", WEIGHT_GRAD_OUT_LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("conv", [Conv("taps_9_channels_20", 2, 20, 7, 6, 24, (3, 3), padding=1),
+                                  Conv("groups_2_rect", 1, 18, 9, 8, 10, (2, 5), padding=(0, 2), groups=2)],
+                         ids=str)
+def test_cpu_weight_grad_output_strides(conv, dtype, out_layout):
+    if "cpu" not in fastcnn.available_backends("cpu"):
+        pytest.skip("fastcnn._cpu is not built")
+    from fastcnn import _native
+    from fastcnn.ops.conv_geometry import conv_params, geometry
+    x = make_input((conv.n, conv.c, conv.h, conv.w), dtype, "cpu", "channels_last")
+    grad = make_input(out_shape(conv), dtype, "cpu", "channels_last")
+    size = [conv.k, conv.c // conv.groups, *conv.kernel]
+    params = conv_params(x, torch.empty(size, dtype=dtype), conv.stride, conv.padding, conv.dilation, conv.groups)
+    order = WEIGHT_GRAD_OUT_LAYOUTS[out_layout]
+    grad_w = torch.full([size[i] for i in order], float("nan"), dtype=dtype).permute(
+        *[order.index(i) for i in range(4)])
+    _native.load("_cpu").conv2d_weight_grad(
+        grad.data_ptr(), list(grad.stride()), x.data_ptr(), list(x.stride()), grad_w.data_ptr(),
+        list(grad_w.stride()), geometry(params, x.shape, grad_w.shape), _native.dtype_code(grad_w))
+    stride, padding, dilation, groups = params.as_lists()
+    assert padding[:2] == padding[2:]  # symmetric cases: aten takes one pad per dimension
+    reference = torch.ops.aten.convolution_backward(
+        grad.double(), x.double(), torch.empty(size, dtype=torch.float64), None, stride, padding[:2], dilation,
+        False, [0, 0], groups, [False, True, False])[1]
+    assert_close(grad_w.double(), reference, dtype=dtype, scale=reduction_scale(conv.n * conv.h * conv.w))
+
+
 def test_float64(backend_device):
     backend, device = backend_device
     if device == "cuda" and backend != "triton":
