@@ -493,12 +493,14 @@ struct ConvWeightGrad {
   int64_t Cg, Kg, R, S, H, W, OH, OW, sh, sw, ph, pw, dh, dw;
   bool pixels_even;  // grad's (n, oh, ow) pixels are one stride apart
   bool columns_in_order;  // grad_w's (r, s, c) elements of a row lie back to back, as the columns
+  int64_t p_begin;        // first pixel of this problem's K (a pixel split's)
 
   FASTCNN_ALWAYS_INLINE void rows(int64_t m0, int64_t count, Row* r) const {
     for (int64_t i = 0; i < count; ++i) r[i].m = m0 + i;
   }
   FASTCNN_ALWAYS_INLINE Pixel pixel(int64_t p) const {
     Pixel q;
+    p += p_begin;
     q.x = p % OW;
     p /= OW;
     q.y = p % OH;
@@ -1448,6 +1450,37 @@ FASTCNN_ALWAYS_INLINE void weight_rows_body(const T* src, int64_t row, T* out, c
 }
 FASTCNN_ISA_VARIANTS(weight_rows_from_column_order, weight_rows_body)
 
+// Pixel splits of a weight gradient (1 = none). With one block of rows (output channels),
+// threads split the columns, so each streams all of the output gradient and reads a part
+// of every pixel's input channels (ResNet-50's 64->64 1x1 at 56x56 weight grad at batch 8:
+// 0.35-0.76x eager between runs, 0.82x split; 256->64 0.57-0.69x -> 0.93-0.97x; 64->128
+// 0.72-0.87x -> 1.13-1.18x). Split, each task reads whole pixels. Where columns make two or
+// more blocks the split only paid from 16384 pixels (3x3 64->64 at 56x56 batch 8: 0.80x ->
+// 0.91-0.94x; 512->128 1x1 at 28x28 lost 5%). Fixed by the shape, as the summation order
+// must be; float and double only, as partial sums rounded to a half type would lose bits.
+template <class T>
+int64_t weight_grad_pixel_splits(int64_t P, int64_t rows_per_group, int64_t cols) {
+  if (!std::is_same_v<T, acc_t<T>> || rows_per_group > gemm::kMcTarget || P < 2048) return 1;
+  if (cols > gemm::kNcTarget && P < 16384) return 1;
+  return std::clamp<int64_t>(P / 4096, 2, 8);
+}
+
+// rows begin..end of dst (row apart) = the sum of `splits` partial [rows][n] blocks, in order.
+template <class T>
+FASTCNN_ALWAYS_INLINE void sum_splits_body(const T* partial, int64_t splits, int64_t split_elems, int64_t n, T* dst,
+                                           int64_t row, int64_t begin, int64_t end) {
+  for (int64_t m = begin; m < end; ++m) {
+    T* d = dst + m * row;
+    const T* s0 = partial + m * n;
+    for (int64_t j = 0; j < n; ++j) d[j] = s0[j];
+    for (int64_t s = 1; s < splits; ++s) {
+      const T* ps = s0 + s * split_elems;
+      for (int64_t j = 0; j < n; ++j) d[j] += ps[j];
+    }
+  }
+}
+FASTCNN_ISA_VARIANTS(sum_pixel_splits, sum_splits_body)
+
 void conv2d_weight_grad(const void* grad, const int64_t* grad_stride, const void* x, const int64_t* x_stride,
                         void* grad_w, const int64_t* grad_w_stride, const ConvGeometry& g, int dtype) {
   dispatch_dtype(dtype, [&](auto tag) {
@@ -1490,25 +1523,50 @@ void conv2d_weight_grad(const void* grad, const int64_t* grad_stride, const void
     const int64_t taps = g.R * g.S, rows = g.groups * Kg;
     const int64_t* ws = grad_w_stride;
     p.columns_in_order = ws[1] == 1 && (taps == 1 || (ws[3] == Cg && ws[2] == g.S * Cg));
-    if (p.columns_in_order || taps == 1) {
+    // Any layout but the columns' order (the contiguous one autograd hands out) is built in
+    // that order in a scratch, then reordered row by row. Stored tile by tile, a row's
+    // columns went a tap's worth of elements apart, and two threads' N blocks wrote the
+    // same lines (GoogLeNet's 48->128 3x3 at 7x7 weight grad at batch 1: 0.22x eager).
+    const bool reorder = !p.columns_in_order && taps > 1;
+    const int64_t splits = (p.columns_in_order || reorder) ? weight_grad_pixel_splits<T>(P, Kg, p.N) : 1;
+    if (splits == 1 && !reorder) {
       gemm::run<T>(p);
       return;
     }
-    // Any other layout (the contiguous one autograd hands out): the rows in column order
-    // in a scratch, then reordered row by row. Stored tile by tile, a row's columns went
-    // a tap's worth of elements apart, and two threads' N blocks wrote the same lines
-    // (GoogLeNet's 48->128 3x3 at 7x7 weight grad at batch 1: 0.22x eager).
-    gemm::Scratch<T> rows_in_order(rows * p.N);
+    gemm::Scratch<T> rows_in_order(reorder ? rows * p.N : 0);
     const int64_t in_order[4] = {p.N, 1, g.S * Cg, Cg};
-    T* const scratch = rows_in_order.get();
-    p.grad_w = scratch;
-    p.ws = in_order;
-    p.columns_in_order = true;
-    gemm::run<T>(p);
-    T* out = static_cast<T*>(grad_w);
-    parallel_for(rows, 1, [&](int64_t begin, int64_t end) {
-      FASTCNN_ISA_CALL(weight_rows_from_column_order, T, scratch, p.N, out, ws, g.R, g.S, Cg, begin, end);
-    });
+    T* const dst = reorder ? rows_in_order.get() : static_cast<T*>(grad_w);
+    const int64_t dst_row = reorder ? p.N : ws[0];
+    if (splits == 1) {
+      p.grad_w = dst;
+      p.ws = in_order;
+      p.columns_in_order = true;
+      gemm::run<T>(p);
+    } else if constexpr (std::is_same_v<T, acc_t<T>>) {
+      // Each split sums its pixels into its own rows; the rows are then added in split
+      // order: same bits on any thread count.
+      gemm::Scratch<T> partial(splits * rows * p.N);
+      std::vector<ConvWeightGrad<T>> parts(size_t(splits), p);
+      for (int64_t s = 0; s < splits; ++s) {
+        ConvWeightGrad<T>& q = parts[size_t(s)];
+        q.p_begin = P * s / splits;
+        q.K = q.k_run = P * (s + 1) / splits - q.p_begin;
+        q.grad_w = partial.get() + s * rows * p.N;
+        q.ws = in_order;
+        q.columns_in_order = true;
+      }
+      gemm::run_each<T>(parts.data(), splits);
+      const T* sums = partial.get();
+      parallel_for(rows, 1, [&](int64_t begin, int64_t end) {
+        FASTCNN_ISA_CALL(sum_pixel_splits, T, sums, splits, rows * p.N, p.N, dst, dst_row, begin, end);
+      });
+    }
+    if (reorder) {
+      T* out = static_cast<T*>(grad_w);
+      parallel_for(rows, 1, [&](int64_t begin, int64_t end) {
+        FASTCNN_ISA_CALL(weight_rows_from_column_order, T, dst, p.N, out, ws, g.R, g.S, Cg, begin, end);
+      });
+    }
   });
 }
 

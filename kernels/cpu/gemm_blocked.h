@@ -532,6 +532,35 @@ void run(const Problem& prob, const acc_t<T>* prepacked_b = nullptr) {
   });
 }
 
+// Runs `count` independent problems (kPrepackB false) on the pool, each blocked as for
+// one thread, so that every task reads whole rows of its operands; the tasks of all
+// problems are shared out together. For pixel splits of a weight gradient, where the
+// blocks of one problem split over threads each read a part of every pixel's channels.
+template <class T, class Problem>
+void run_each(const Problem* probs, int64_t count) {
+  static_assert(!Problem::kPrepackB, "each problem packs its own B");
+  constexpr int NR = kNR<acc_t<T>>;
+  auto plans = std::vector<Plan>(size_t(count));
+  std::vector<int64_t> first(size_t(count) + 1, int64_t(0));
+  for (int64_t i = 0; i < count; ++i) {
+    const Problem& p = probs[i];
+    plans[size_t(i)] = make_plan(p.groups, p.M, p.N, p.K, p.k_run, p.k_align, NR, false, 1);
+    first[size_t(i) + 1] = first[size_t(i)] + plans[size_t(i)].tasks();
+  }
+  parallel_for(first.back(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t b = std::max(begin, first[size_t(i)]) - first[size_t(i)];
+      const int64_t e = std::min(end, first[size_t(i) + 1]) - first[size_t(i)];
+      if (b >= e) continue;
+      if (cpu_has_avx512()) {
+        gemm_tiles_avx512<T>(probs + i, plans.data() + i, static_cast<const acc_t<T>*>(nullptr), b, e);
+      } else {
+        FASTCNN_ISA_CALL(gemm_tiles, T, probs + i, plans.data() + i, static_cast<const acc_t<T>*>(nullptr), b, e);
+      }
+    }
+  });
+}
+
 // Packs MR rows of a strided matrix A[i][k] = src[i * rs + k * cs] (count < MR rows
 // valid, the rest zero) in the layout that reads the source in order.
 template <class T>
