@@ -500,9 +500,32 @@ def test_opcheck():
     grad = torch.randn(out_shape(conv)).contiguous(memory_format=torch.channels_last)
     torch.library.opcheck(torch.ops.fastcnn.conv2d_input_grad, (grad, w.detach(), list(x.shape), *lists))
     torch.library.opcheck(torch.ops.fastcnn.conv2d_weight_grad, (grad, x.detach(), list(w.shape), *lists))
+    torch.library.opcheck(torch.ops.fastcnn.conv2d_weight_grad, (grad, x.detach(), list(w.shape), *lists, True))
     out = torch.empty(conv.n, conv.k + 2, conv.h, conv.w)
     torch.library.opcheck(torch.ops.fastcnn.conv2d_into, (out, 1, x.detach(), w.detach(), None, None, *lists,
                                                           "tanh"))
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("weight_layout", ["nchw", "channels_last"])
+def test_weight_grad_in_the_weights_layout(weight_layout, compiled):
+    """A kxk weight's gradient comes back in the weight's own layout, as PyTorch's does
+    (AccumulateGrad would otherwise copy it into a channels_last parameter every step),
+    eagerly and under torch.compile. torch.autograd.grad: .grad would hide a wrong
+    layout behind AccumulateGrad's copy."""
+    conv = Conv("w_layout", 2, 5, 7, 6, 8, (3, 2), padding=1)
+    x, w, _, _ = inputs(conv, torch.float32, "cpu", "channels_last", bias=False, residual=False,
+                        requires_grad=True, weight_layout=weight_layout)
+
+    def forward(x, w):
+        return F.conv2d(x, w, padding=1, act="relu").sum()
+
+    loss = (torch.compile(forward, fullgraph=True) if compiled else forward)(x, w)
+    _, grad_w = torch.autograd.grad(loss, (x, w))
+    xr, wr = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    _, expected = torch.autograd.grad(torch.relu(torch.nn.functional.conv2d(xr, wr, padding=1)).sum(), (xr, wr))
+    assert grad_w.stride() == w.stride()
+    assert_close(grad_w, expected, scale=reduction_scale(conv.n * conv.h * conv.w))
 
 
 def test_compile_fullgraph():
@@ -516,7 +539,7 @@ def test_compile_fullgraph():
         return F.linear(y.mean((2, 3)), fc, act="tanh")
 
     x = make_input((2, 4, 8, 8), torch.float32, "cpu", "channels_last", requires_grad=True)
-    wa = make_weight(conv_a, torch.float32, "cpu", requires_grad=True)
+    wa = make_weight(conv_a, torch.float32, "cpu", "channels_last", requires_grad=True)
     wb = make_weight(conv_b, torch.float32, "cpu", requires_grad=True)
     ba = torch.randn(6, requires_grad=True)
     fc = torch.randn(3, 6, requires_grad=True)

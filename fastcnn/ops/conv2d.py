@@ -471,13 +471,19 @@ WEIGHT_GRAD = backend_table(torch=_torch_conv2d_weight_grad, cpu=_cpu_conv2d_wei
                             cuda=_cuda_conv2d_weight_grad, triton=_triton_conv2d_weight_grad)
 
 
-def _new_weight_grad(grad, weight_size) -> Tensor:
-    return torch.empty(weight_size, dtype=grad.dtype, device=grad.device)
+def _weight_grad_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def _run_weight_grad(launch, grad, input, weight_size, stride, padding, dilation, groups) -> Tensor:
+def _new_weight_grad(grad, weight_size, channels_last: bool) -> Tensor:
+    return torch.empty(weight_size, dtype=grad.dtype, device=grad.device,
+                       memory_format=_weight_grad_format(channels_last))
+
+
+def _run_weight_grad(launch, grad, input, weight_size, stride, padding, dilation, groups,
+                     channels_last) -> Tensor:
     params = check_conv2d_weight_grad(grad, input, weight_size, stride, padding, dilation, groups)
-    grad_w = _new_weight_grad(grad, weight_size)
+    grad_w = _new_weight_grad(grad, weight_size, channels_last)
     if grad_w.numel():
         if grad.numel():
             launch(grad, input, grad_w, params)
@@ -488,22 +494,26 @@ def _run_weight_grad(launch, grad, input, weight_size, stride, padding, dilation
 
 @direct.custom_op("fastcnn::conv2d_weight_grad", mutates_args=())
 def conv2d_weight_grad(grad: Tensor, input: Tensor, weight_size: list[int], stride: list[int], padding: list[int],
-                       dilation: list[int], groups: int) -> Tensor:
+                       dilation: list[int], groups: int, channels_last: bool = False) -> Tensor:
+    """The weight gradient, in channels_last when `channels_last` (a channels_last
+    weight's: its parameter then takes it as it is, and the CPU kernel writes its
+    (r, s, c) columns in order), else contiguous."""
     return _run_weight_grad(WEIGHT_GRAD[backends.resolve(grad.device)], grad, input, weight_size, stride, padding,
-                            dilation, groups)
+                            dilation, groups, channels_last)
 
 
-def _prepare_weight_grad(grad, input, weight_size, stride, padding, dilation, groups):
+def _prepare_weight_grad(grad, input, weight_size, stride, padding, dilation, groups, channels_last=False):
     """fastcnn::conv2d_weight_grad's body for arguments with this signature."""
     params = check_conv2d_weight_grad(grad, input, weight_size, stride, padding, dilation, groups)
     if not grad.numel():
         return None
     backend = backends.resolve(grad.device)
+    out_format = _weight_grad_format(channels_last)
     if backend == "cpu":
-        launch = _bind_cpu_backward("conv2d_weight_grad", grad, input, weight_size, torch.contiguous_format, params)
+        launch = _bind_cpu_backward("conv2d_weight_grad", grad, input, weight_size, out_format, params)
     else:
         launch = _bind_backward(WEIGHT_GRAD[backend], params)
-    run = prepared.allocating(weight_size, launch)
+    run = prepared.allocating(weight_size, launch, memory_format=out_format)
     return lambda g, x, *_: run(g, x)
 
 
@@ -511,9 +521,9 @@ direct.register_prepare("fastcnn::conv2d_weight_grad", _prepare_weight_grad)
 
 
 @conv2d_weight_grad.register_fake
-def _(grad, input, weight_size, stride, padding, dilation, groups):
+def _(grad, input, weight_size, stride, padding, dilation, groups, channels_last=False):
     check_conv2d_weight_grad(grad, input, weight_size, stride, padding, dilation, groups)
-    return _new_weight_grad(grad, weight_size)
+    return _new_weight_grad(grad, weight_size, channels_last)
 
 
 # --- autograd
@@ -526,6 +536,10 @@ def _setup_context(ctx, inputs, output):
     ctx.has_residual = residual is not None
     ctx.input_shape = list(input.shape)
     ctx.weight_shape = list(weight.shape)
+    # The weight gradient in a channels_last weight's layout: AccumulateGrad would copy a
+    # contiguous one into it (17 kxk weights in a ResNet-50 step), and the CPU kernel
+    # writes that layout without reordering its rows.
+    ctx.weight_channels_last = not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
     # The activation's gradient is taken from the output; without one it is not needed.
     ctx.save_for_backward(input, weight, output if act is not None else None)
 
@@ -547,7 +561,8 @@ def _backward(ctx, grad):
     if ctx.needs_input_grad[0]:
         grad_input = direct.call("fastcnn::conv2d_input_grad", grad_pre, weight, ctx.input_shape, *ctx.conv)
     if ctx.needs_input_grad[1]:
-        grad_weight = direct.call("fastcnn::conv2d_weight_grad", grad_pre, input, ctx.weight_shape, *ctx.conv)
+        grad_weight = direct.call("fastcnn::conv2d_weight_grad", grad_pre, input, ctx.weight_shape, *ctx.conv,
+                                  ctx.weight_channels_last)
     grad_residual = grad_pre if ctx.has_residual else None
     return grad_input, grad_weight, grad_bias, grad_residual, None, None, None, None, None
 
@@ -573,9 +588,10 @@ def conv2d_input_grad_triton(grad: Tensor, weight: Tensor, input_size: list[int]
 
 @torch.library.triton_op("fastcnn::conv2d_weight_grad_triton", mutates_args=())
 def conv2d_weight_grad_triton(grad: Tensor, input: Tensor, weight_size: list[int], stride: list[int],
-                              padding: list[int], dilation: list[int], groups: int) -> Tensor:
+                              padding: list[int], dilation: list[int], groups: int,
+                              channels_last: bool = False) -> Tensor:
     return _run_weight_grad(_triton_conv2d_weight_grad, grad, input, weight_size, stride, padding, dilation,
-                            groups)
+                            groups, channels_last)
 
 
 route_to_triton_when_compiled(conv2d, conv2d_triton)

@@ -92,12 +92,16 @@ def clear() -> None:
     _PREPARED.clear()
 
 
-def allocating(shape, launch: Callable[..., None], like: torch.Tensor | None = None) -> Launcher:
+def allocating(shape, launch: Callable[..., None], like: torch.Tensor | None = None,
+               memory_format: torch.memory_format | None = None) -> Launcher:
     """A launcher (*tensors) -> out for an op with one output: out is new, of `shape`,
-    in the layout of `like` (a tensor with the first argument's signature; None:
-    contiguous), and launch(*tensors, out) fills it unless it is empty."""
+    in `memory_format`, else in the layout of `like` (a tensor with the first argument's
+    signature; None: contiguous), and launch(*tensors, out) fills it unless it is empty."""
     shape = tuple(shape)
-    fmt = memory_format_of(like) if like is not None and len(shape) == 4 else torch.contiguous_format
+    if memory_format is not None:
+        fmt = memory_format
+    else:
+        fmt = memory_format_of(like) if like is not None and len(shape) == 4 else torch.contiguous_format
     nonempty = all(shape)
 
     def run(first, *rest):
