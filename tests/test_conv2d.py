@@ -274,7 +274,11 @@ WEIGHT_GRAD_OUT_LAYOUTS = {
                                   Conv("groups_2_rect", 1, 18, 9, 8, 10, (2, 5), padding=(0, 2), groups=2),
                                   # float32 pixel splits, fixed by the shape: 2 and 3 of them
                                   Conv("splits_2_taps_9", 2, 12, 48, 47, 20, (3, 3), padding=1),
-                                  Conv("splits_3_1x1", 3, 16, 64, 64, 24, (1, 1))],
+                                  Conv("splits_3_1x1", 3, 16, 64, 64, 24, (1, 1)),
+                                  # 1x1 with 16 or 32 output channels per group: the roles swapped
+                                  Conv("by_input_k16", 2, 40, 16, 17, 16, (1, 1)),  # 3 K blocks
+                                  Conv("by_input_k32_odd_channels", 2, 75, 5, 9, 32, (1, 1)),
+                                  Conv("by_input_groups_2", 1, 64, 5, 5, 32, (1, 1), groups=2)],
                          ids=str)
 def test_cpu_weight_grad_output_strides(conv, dtype, out_layout):
     if "cpu" not in fastcnn.available_backends("cpu"):

@@ -54,6 +54,7 @@ SCRIPT = textwrap.dedent("""
         conv((2, 3, 11, 10), (8, 3, 3, 2), layout, stride=(2, 1), padding=(1, 2), dilation=(2, 1))  # small taps, padded
         conv((3, 5, 19, 17), (16, 5, 3, 4), layout, padding=(2, 1), dilation=(1, 2))  # small taps, several splits
         conv((1, 9, 47, 45), (10, 9, 3, 3), layout, padding=1)  # weight grad in 2 pixel splits, rows reordered
+        conv((2, 40, 17, 9), (16, 40, 1, 1), layout)  # 1x1 weight grad with the roles swapped
     conv((2, 1, 32, 30), (6, 1, 5, 5))                        # by channel, rows wider than a block
     conv((2, 2, 8, 9), (4, 1, 3, 3), groups=2, padding=1)     # by channel, groups
     conv((1, 3, 9, 8), (12, 1, 3, 3), groups=3)
