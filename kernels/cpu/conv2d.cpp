@@ -1572,17 +1572,9 @@ void conv2d_weight_grad(const void* grad, const int64_t* grad_stride, const void
       }
     }
     const int64_t Cg = g.c_per_group(), Kg = g.k_per_group(), P = g.N * g.OH * g.OW;
-    // 1x1 with 16 or 32 output channels per group (GoogLeNet's reductions), channels_last:
-    // roles swapped (ConvWeightGradByInput). At batch 8, 192->32 at 28x28 0.72x -> 0.96x
-    // eager, 256->32 0.77x -> 0.90x, 480->16 at 14x14 0.87x -> 1.15x; 24 channels lost
-    // (1.13x -> 0.93x: a half-empty second panel), so whole panels only.
-    constexpr int64_t kPanel = gemm::kNR<acc_t<T>>;
-    if (g.R == 1 && g.S == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0 &&
-        Kg % kPanel == 0 && Kg <= 2 * kPanel && Cg >= 2 * Kg && grad_stride[1] == 1 && x_stride[1] == 1) {
-      ConvWeightGradByInput<T> q{};
+    // The operands and sizes both weight-gradient problems share (K: all pixels).
+    const auto bind_operands = [&](auto& q) {
       q.groups = g.groups;
-      q.M = Cg;
-      q.N = Kg;
       q.K = q.k_run = P;
       q.k_align = 1;
       q.grad = static_cast<const T*>(grad);
@@ -1595,29 +1587,29 @@ void conv2d_weight_grad(const void* grad, const int64_t* grad_stride, const void
       q.Kg = Kg;
       q.OH = g.OH;
       q.OW = g.OW;
+    };
+    // 1x1 with 16 or 32 output channels per group (GoogLeNet's reductions), channels_last:
+    // roles swapped (ConvWeightGradByInput). At batch 8, 192->32 at 28x28 0.72x -> 0.96x
+    // eager, 256->32 0.77x -> 0.90x, 480->16 at 14x14 0.87x -> 1.15x; 24 channels lost
+    // (1.13x -> 0.93x: a half-empty second panel), so whole panels only.
+    constexpr int64_t kPanel = gemm::kNR<acc_t<T>>;
+    if (g.R == 1 && g.S == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0 &&
+        Kg % kPanel == 0 && Kg <= 2 * kPanel && Cg >= 2 * Kg && grad_stride[1] == 1 && x_stride[1] == 1) {
+      ConvWeightGradByInput<T> q{};
+      bind_operands(q);
+      q.M = Cg;
+      q.N = Kg;
       gemm::run<T>(q);
       return;
     }
     ConvWeightGrad<T> p{};
-    p.groups = g.groups;
+    bind_operands(p);
     p.M = Kg;
     p.N = g.R * g.S * Cg;
-    p.K = P;
-    p.k_run = P;
-    p.grad = static_cast<const T*>(grad);
-    p.gs = grad_stride;
-    p.x = static_cast<const T*>(x);
-    p.xs = x_stride;
-    p.grad_w = static_cast<T*>(grad_w);
-    p.ws = grad_w_stride;
-    p.Cg = Cg;
-    p.Kg = Kg;
     p.R = g.R;
     p.S = g.S;
     p.H = g.H;
     p.W = g.W;
-    p.OH = g.OH;
-    p.OW = g.OW;
     p.sh = g.stride_h;
     p.sw = g.stride_w;
     p.ph = g.pad_h;
