@@ -278,7 +278,11 @@ WEIGHT_GRAD_OUT_LAYOUTS = {
                                   # 1x1 with 16 or 32 output channels per group: the roles swapped
                                   Conv("by_input_k16", 2, 40, 16, 17, 16, (1, 1)),  # 3 K blocks
                                   Conv("by_input_k32_odd_channels", 2, 75, 5, 9, 32, (1, 1)),
-                                  Conv("by_input_groups_2", 1, 64, 5, 5, 32, (1, 1), groups=2)],
+                                  Conv("by_input_groups_2", 1, 64, 5, 5, 32, (1, 1), groups=2),
+                                  # output channels in several row blocks, run by one task per
+                                  # column block over one packing of the input (2 K blocks)
+                                  Conv("row_blocks_3_k300", 2, 32, 12, 12, 300, (3, 3), padding=1),
+                                  Conv("row_blocks_2_groups_2", 2, 40, 13, 12, 320, (3, 3), padding=1, groups=2)],
                          ids=str)
 def test_cpu_weight_grad_output_strides(conv, dtype, out_layout):
     if "cpu" not in fastcnn.available_backends("cpu"):
@@ -474,7 +478,11 @@ with fastcnn.use_backend("cpu"):
     lw = torch.ops.fastcnn.linear(g2.t(), x2.t(), None, None)
     # Batch-1 FC inference (the matrix-vector path): 4099 outputs over both threads.
     fc = torch.ops.fastcnn.linear(torch.randn(1, 1001), torch.randn(4099, 1001), torch.randn(4099), "relu")
-print(*(hashlib.sha256(t.numpy().tobytes()).hexdigest() for t in (gw, small, lw, fc)))
+    # 300 output channels: three row blocks run by one task per column block, 2 K blocks.
+    g3 = torch.randn(2, 300, 12, 12).contiguous(memory_format=torch.channels_last)
+    x3 = torch.randn(2, 20, 12, 12).contiguous(memory_format=torch.channels_last)
+    blocks = torch.ops.fastcnn.conv2d_weight_grad(g3, x3, [300, 20, 3, 3], [1, 1], [1, 1, 1, 1], [1, 1], 1)
+print(*(hashlib.sha256(t.numpy().tobytes()).hexdigest() for t in (gw, small, lw, fc, blocks)))
 """
 
 

@@ -492,6 +492,7 @@ struct ConvWeightGrad {
   const int64_t* ws;
   int64_t Cg, Kg, R, S, H, W, OH, OW, sh, sw, ph, pw, dh, dw;
   bool pixels_even;  // grad's (n, oh, ow) pixels are one stride apart
+  bool a_in_place;   // full row panels read in place from grad (see a_block)
   bool columns_in_order;  // grad_w's (r, s, c) elements of a row lie back to back, as the columns
   int64_t p_begin;        // first pixel of this problem's K (a pixel split's)
 
@@ -516,12 +517,8 @@ struct ConvWeightGrad {
     for (int64_t ip = 0; ip * MR < nrows; ++ip) {
       const int64_t count = std::min<int64_t>(MR, nrows - ip * MR);
       const T* src = base + ip * MR * gs[1];
-      if constexpr (std::is_same_v<T, F>) {
-        // In place unless pixels lie 4 KB or more apart (1024 float channels): the panel's
-        // rows then all fall in one L1 set, and packing is faster (ResNet-50's 256->1024 1x1
-        // at 14x14 weight grad at batch 8 0.60x -> 0.83-0.87x eager; from 2 KB on it cost
-        // 128->512's ~8%).
-        if (pixels_even && count == MR && gs[3] * int64_t(sizeof(T)) < 4096) {
+      if constexpr (std::is_same_v<T, F>) {  // a_in_place is false otherwise
+        if (a_in_place && count == MR) {
           panels[ip] = {src + p0.n * gs[0] + p0.y * gs[2] + p0.x * gs[3], gs[1], gs[3]};
           continue;
         }
@@ -726,6 +723,7 @@ struct ConvWeightGradByInput {
   T* grad_w;
   const int64_t* ws;
   int64_t Cg, Kg, OH, OW;
+  bool a_in_place;  // full row panels read in place from x (see a_block)
 
   FASTCNN_ALWAYS_INLINE void rows(int64_t m0, int64_t count, Row* r) const {
     for (int64_t i = 0; i < count; ++i) r[i].m = m0 + i;
@@ -740,12 +738,11 @@ struct ConvWeightGradByInput {
   FASTCNN_ALWAYS_INLINE void a_block(int64_t g, const Row* rows, int64_t nrows, int64_t k0, int64_t kl, F* buf,
                                      gemm::APanel<F>* panels) const {
     const T* base = x + (g * Cg + rows[0].m) * xs[1];
-    const bool even = xs[2] == OW * xs[3] && xs[0] == OH * xs[2];
     for (int64_t ip = 0; ip * MR < nrows; ++ip) {
       const int64_t count = std::min<int64_t>(MR, nrows - ip * MR);
       const T* src = base + ip * MR * xs[1];
-      if constexpr (std::is_same_v<T, F>) {
-        if (even && count == MR && xs[3] * int64_t(sizeof(T)) < 4096) {
+      if constexpr (std::is_same_v<T, F>) {  // a_in_place is false otherwise
+        if (a_in_place && count == MR) {
           panels[ip] = {src + offset(xs, k0), xs[1], xs[3]};
           continue;
         }
@@ -1572,6 +1569,14 @@ void conv2d_weight_grad(const void* grad, const int64_t* grad_stride, const void
       }
     }
     const int64_t Cg = g.c_per_group(), Kg = g.k_per_group(), P = g.N * g.OH * g.OW;
+    // Whether a panel of rows (channels one element apart) is read in place, pixel by pixel.
+    // Not unless pixels are evenly spaced and values need no conversion, nor where pixels
+    // lie 4 KB or more apart (1024 float channels): the panel's rows then all fall in one
+    // L1 set, and packing is faster (ResNet-50's 256->1024 1x1 at 14x14 weight grad at
+    // batch 8 0.60x -> 0.83-0.87x eager; from 2 KB on it cost 128->512's ~8%).
+    const auto rows_in_place = [](bool pixels_even, int64_t pixel_stride) {
+      return std::is_same_v<T, acc_t<T>> && pixels_even && pixel_stride * int64_t(sizeof(T)) < 4096;
+    };
     // The operands and sizes both weight-gradient problems share (K: all pixels).
     const auto bind_operands = [&](auto& q) {
       q.groups = g.groups;
@@ -1599,6 +1604,7 @@ void conv2d_weight_grad(const void* grad, const int64_t* grad_stride, const void
       bind_operands(q);
       q.M = Cg;
       q.N = Kg;
+      q.a_in_place = rows_in_place(x_stride[2] == g.OW * x_stride[3] && x_stride[0] == g.OH * x_stride[2], x_stride[3]);
       gemm::run<T>(q);
       return;
     }
@@ -1617,6 +1623,7 @@ void conv2d_weight_grad(const void* grad, const int64_t* grad_stride, const void
     p.dh = g.dil_h;
     p.dw = g.dil_w;
     p.pixels_even = grad_stride[2] == g.OW * grad_stride[3] && grad_stride[0] == g.OH * grad_stride[2];
+    p.a_in_place = rows_in_place(p.pixels_even, grad_stride[3]);
     const int64_t taps = g.R * g.S, rows = g.groups * Kg;
     const int64_t* ws = grad_w_stride;
     p.columns_in_order = ws[1] == 1 && (taps == 1 || (ws[3] == Cg && ws[2] == g.S * Cg));

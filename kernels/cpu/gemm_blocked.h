@@ -15,6 +15,8 @@
 //   void pack_b(g, n0, ncols, k0, kl, F* dst);   [kl][NR], columns past ncols zero
 //   (kPrepackB false) void pack_b_block(g, n0, ncols, k0, kl, F* dst);   every panel of an
 //       N block, each [kl][NR], kl * NR apart: the problem picks the order it reads B in
+//   (kPrepackB false) bool a_in_place;   whether a_block reads A's full panels in place
+//       (else it packs them): the plan weighs reading A again against packing B again
 //   void store(g, const Row* rows, nrows, n0, ncols, F* tile);   tile [MR][NR], scratch the
 //       epilogue may work in (activate_tile)
 //   optionally void prefetch_store(g, const Row* rows, nrows, n0, ncols);   asks for the
@@ -56,6 +58,9 @@ template <class F> constexpr int kNR = 2 * kLanes<F>;  // columns: 6 x 16 floats
 constexpr int64_t kKcTarget = 256;  // a 256 x 16 float B panel (16 KB) stays in L1
 constexpr int64_t kMcTarget = 144;  // 144 x 256 floats of A (144 KB) stay in L2
 constexpr int64_t kNcTarget = 256;
+// Accumulator elements one task may hold when it runs every M block of its N block
+// (Plan::m_inside): 1 MB of floats, about Zen 4's L2.
+constexpr int64_t kMInsideElements = 1 << 18;
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
@@ -314,14 +319,16 @@ template <class F> class Scratch {
   F* p_;
 };
 
-// Block sizes and the task grid (groups x N blocks x M blocks) of one call.
+// Block sizes and the task grid (groups x N blocks x M blocks, or x 1 with m_inside) of one call.
 struct Plan {
   int64_t groups, M, N, K;
   int64_t k_run, kc, k_subs, k_blocks;
   int64_t mc, nc, m_blocks, n_blocks, n_panels;
   bool prepacked;
+  bool m_inside;  // a task runs every M block of its N block, over one packing of each B block
 
-  int64_t tasks() const { return groups * m_blocks * n_blocks; }
+  int64_t m_tasks() const { return m_inside ? 1 : m_blocks; }
+  int64_t tasks() const { return groups * m_tasks() * n_blocks; }
   void k_block(int64_t kb, int64_t& k0, int64_t& kl) const {
     const int64_t run = kb / k_subs, sub = kb % k_subs;
     k0 = run * k_run + sub * kc;
@@ -331,8 +338,10 @@ struct Plan {
 
 // K blocking depends on the shape only (it fixes the summation order); the M/N
 // split also looks at the thread count, to hand every thread the same work.
+// a_cost: one A element read into a tile against one B element packed (read and
+// written: 2), for the choice of m_inside.
 inline Plan make_plan(int64_t groups, int64_t M, int64_t N, int64_t K, int64_t k_run, int64_t k_align,
-                      int64_t nr, bool prepacked, int64_t threads) {
+                      int64_t nr, bool prepacked, int64_t threads, int64_t a_cost = 1) {
   Plan p{};
   p.groups = groups;
   p.M = M;
@@ -344,8 +353,6 @@ inline Plan make_plan(int64_t groups, int64_t M, int64_t N, int64_t K, int64_t k
   p.k_subs = ceil_div(k_run, p.kc);
   p.k_blocks = (K / k_run) * p.k_subs;
   p.n_panels = ceil_div(N, nr);
-  int64_t m_blocks = ceil_div(M, kMcTarget);
-  int64_t n_blocks = ceil_div(N, kNcTarget);
   const int64_t m_max = ceil_div(M, MR), n_max = p.n_panels;
   // Grow one split until every thread gets the same number of tiles: M first where B
   // is packed once (free to split), N first where each tile packs its own B.
@@ -357,6 +364,7 @@ inline Plan make_plan(int64_t groups, int64_t M, int64_t N, int64_t K, int64_t k
       }
     }
   };
+  int64_t m_blocks = ceil_div(M, kMcTarget), n_blocks = ceil_div(N, kNcTarget);
   if (threads > 1 && groups * m_blocks * n_blocks < 8 * threads) {
     if (prepacked) {
       balance(m_blocks, m_max, groups * n_blocks);
@@ -364,6 +372,25 @@ inline Plan make_plan(int64_t groups, int64_t M, int64_t N, int64_t K, int64_t k
     } else {
       balance(n_blocks, n_max, groups * m_blocks);
       if ((groups * m_blocks * n_blocks) % threads != 0) balance(m_blocks, m_max, groups * n_blocks);
+    }
+  }
+  // B packed per tile (kPrepackB false) and several M blocks: a task per (M, N) block packs
+  // each B block m_blocks times over (VGG-16's 512->512 3x3 weight gradient at 28x28: ~20%
+  // of its time). A task may instead run every M block of its N block on one packing of
+  // each B block, with N blocks narrow enough for all their accumulators to fit in about
+  // L2; it then reads A once per N block. Taken where that moves less: A read n_blocks
+  // times and B packed once, against m_blocks times (ResNet-50's 512->2048 1x1 at 7x7, A
+  // packed, lost 10% with A read six times where it was read twice).
+  p.m_inside = false;
+  const int64_t m_rows = round_up(M + ceil_div(M, kMcTarget) * MR, MR);  // bounds m_blocks * mc
+  const int64_t nc_inside = std::min(kNcTarget, kMInsideElements / m_rows / nr * nr);
+  if (!prepacked && m_blocks > 1 && nc_inside > 0 && groups * n_max >= threads) {
+    int64_t n_inside = ceil_div(N, nc_inside);
+    if (threads > 1 && groups * n_inside < 8 * threads) balance(n_inside, n_max, groups);
+    if (a_cost * M * n_inside + 2 * N < a_cost * M * n_blocks + 2 * N * m_blocks) {
+      p.m_inside = true;
+      m_blocks = ceil_div(M, kMcTarget);
+      n_blocks = n_inside;
     }
   }
   p.mc = round_up(ceil_div(M, m_blocks), MR);
@@ -434,23 +461,24 @@ FASTCNN_ALWAYS_INLINE void tiles_body(const Problem* prob, const Plan* plan, con
   constexpr int NR = kNR<F>;
   const Plan& pl = *plan;
   const int64_t mc_pad = round_up(pl.mc, MR), nc_pad = round_up(pl.nc, NR);
+  const int64_t m_run = pl.m_inside ? pl.m_blocks : 1;  // M blocks per task
   // With one K block each tile is stored as soon as it is made: one tile's scratch (in L1)
   // serves them all.
-  Scratch<F> a_buf(mc_pad * pl.kc), c_buf(pl.k_blocks == 1 ? MR * NR : mc_pad * nc_pad);
+  Scratch<F> a_buf(mc_pad * pl.kc), c_buf(pl.k_blocks == 1 ? MR * NR : m_run * mc_pad * nc_pad);
   Scratch<F> b_buf(pl.prepacked ? 0 : nc_pad * pl.kc);
-  std::vector<Row> rows(size_t(pl.mc));
+  std::vector<Row> rows(size_t(m_run * pl.mc));
   std::vector<APanel<F>> panels(size_t(mc_pad / MR));
-  const int64_t per_group = pl.m_blocks * pl.n_blocks;
+  const int64_t per_group = pl.m_tasks() * pl.n_blocks;
   for (int64_t t = begin; t < end; ++t) {
-    const int64_t g = t / per_group, nb = (t % per_group) / pl.m_blocks, mb = t % pl.m_blocks;
-    const int64_t m0 = mb * pl.mc, mrows = std::min(pl.mc, pl.M - m0);
+    const int64_t g = t / per_group, nb = (t % per_group) / pl.m_tasks(), mb0 = (t % pl.m_tasks()) * m_run;
+    const int64_t mb_end = std::min(mb0 + m_run, pl.m_blocks);
     const int64_t n0 = nb * pl.nc, ncols = std::min(pl.nc, pl.N - n0);
-    const int64_t mp = ceil_div(mrows, MR), np = ceil_div(ncols, NR);
-    prob->rows(m0, mrows, rows.data());
+    const int64_t np = ceil_div(ncols, NR);
+    for (int64_t mb = mb0; mb < mb_end; ++mb)
+      prob->rows(mb * pl.mc, std::min(pl.mc, pl.M - mb * pl.mc), rows.data() + (mb - mb0) * pl.mc);
     for (int64_t kb = 0; kb < pl.k_blocks; ++kb) {
       int64_t k0, kl;
       pl.k_block(kb, k0, kl);
-      prob->a_block(g, rows.data(), mrows, k0, kl, a_buf.get(), panels.data());
       const F* b_block;
       int64_t b_panel_stride;
       if constexpr (Problem::kPrepackB) {
@@ -462,21 +490,27 @@ FASTCNN_ALWAYS_INLINE void tiles_body(const Problem* prob, const Plan* plan, con
         b_panel_stride = kl * NR;
       }
       const bool accumulate = kb > 0, last = kb == pl.k_blocks - 1;
-      for (int64_t jp = 0; jp < np; ++jp) {
-        const F* b = b_block + jp * b_panel_stride;
-        for (int64_t ip = 0; ip < mp; ++ip) {
-          F* tile = c_buf.get() + (pl.k_blocks == 1 ? 0 : (ip * np + jp) * (MR * NR));
-          const APanel<F>& a = panels[size_t(ip)];
-          const bool half = std::min<int64_t>(NR, ncols - jp * NR) <= kLanes<F>;
-          if constexpr (has_prefetch_store<Problem>::value) {
-            if (last)
-              prob->prefetch_store(g, rows.data() + ip * MR, std::min<int64_t>(MR, mrows - ip * MR), n0 + jp * NR,
-                                   std::min<int64_t>(NR, ncols - jp * NR));
+      for (int64_t mb = mb0; mb < mb_end; ++mb) {
+        const int64_t mrows = std::min(pl.mc, pl.M - mb * pl.mc), mp = ceil_div(mrows, MR);
+        const Row* block_rows = rows.data() + (mb - mb0) * pl.mc;
+        F* c_block = c_buf.get() + (mb - mb0) * mc_pad * nc_pad;
+        prob->a_block(g, block_rows, mrows, k0, kl, a_buf.get(), panels.data());
+        for (int64_t jp = 0; jp < np; ++jp) {
+          const F* b = b_block + jp * b_panel_stride;
+          for (int64_t ip = 0; ip < mp; ++ip) {
+            F* tile = pl.k_blocks == 1 ? c_buf.get() : c_block + (ip * np + jp) * (MR * NR);
+            const APanel<F>& a = panels[size_t(ip)];
+            const bool half = std::min<int64_t>(NR, ncols - jp * NR) <= kLanes<F>;
+            if constexpr (has_prefetch_store<Problem>::value) {
+              if (last)
+                prob->prefetch_store(g, block_rows + ip * MR, std::min<int64_t>(MR, mrows - ip * MR), n0 + jp * NR,
+                                     std::min<int64_t>(NR, ncols - jp * NR));
+            }
+            multiply_tile<F, kWide>(kl, a, b, tile, accumulate, half);
+            if (last)  // the epilogue runs on the tile just written, still in L1
+              prob->store(g, block_rows + ip * MR, std::min<int64_t>(MR, mrows - ip * MR), n0 + jp * NR,
+                          std::min<int64_t>(NR, ncols - jp * NR), tile);
           }
-          multiply_tile<F, kWide>(kl, a, b, tile, accumulate, half);
-          if (last)  // the epilogue runs on the tile just written, still in L1
-            prob->store(g, rows.data() + ip * MR, std::min<int64_t>(MR, mrows - ip * MR), n0 + jp * NR,
-                        std::min<int64_t>(NR, ncols - jp * NR), tile);
         }
       }
     }
@@ -486,6 +520,16 @@ FASTCNN_ISA_VARIANTS(gemm_tiles, tiles_body)
 template <class T, class... A>
 FASTCNN_AVX512_TARGET __attribute__((noinline)) void gemm_tiles_avx512(A... a) {
   tiles_body<T, true>(a...);
+}
+
+// make_plan's a_cost for a problem: A packed per tile costs a read, a write and a read.
+template <class Problem>
+int64_t a_read_cost(const Problem& prob) {
+  if constexpr (Problem::kPrepackB) {
+    return 1;
+  } else {
+    return prob.a_in_place ? 1 : 3;
+  }
 }
 
 // Elements (acc_t) of a prepacked B: per group, ceil(N / NR) panels of [K][NR]. It
@@ -518,7 +562,7 @@ void run(const Problem& prob, const acc_t<T>* prepacked_b = nullptr) {
   using F = acc_t<T>;
   constexpr int NR = kNR<F>;
   const Plan plan = make_plan(prob.groups, prob.M, prob.N, prob.K, prob.k_run, prob.k_align, NR,
-                              Problem::kPrepackB, omp_get_max_threads());
+                              Problem::kPrepackB, omp_get_max_threads(), a_read_cost(prob));
   const bool pack_here = plan.prepacked && prepacked_b == nullptr;
   Scratch<F> packed(pack_here ? packed_b_elements<T>(plan.groups, plan.N, plan.K) : 0);
   if (pack_here) pack_b_into<T>(prob, packed.get());
@@ -544,7 +588,7 @@ void run_each(const Problem* probs, int64_t count) {
   std::vector<int64_t> first(size_t(count) + 1, int64_t(0));
   for (int64_t i = 0; i < count; ++i) {
     const Problem& p = probs[i];
-    plans[size_t(i)] = make_plan(p.groups, p.M, p.N, p.K, p.k_run, p.k_align, NR, false, 1);
+    plans[size_t(i)] = make_plan(p.groups, p.M, p.N, p.K, p.k_run, p.k_align, NR, false, 1, a_read_cost(p));
     first[size_t(i) + 1] = first[size_t(i)] + plans[size_t(i)].tasks();
   }
   parallel_for(first.back(), 1, [&](int64_t begin, int64_t end) {
