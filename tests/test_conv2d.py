@@ -482,7 +482,11 @@ with fastcnn.use_backend("cpu"):
     g3 = torch.randn(2, 300, 12, 12).contiguous(memory_format=torch.channels_last)
     x3 = torch.randn(2, 20, 12, 12).contiguous(memory_format=torch.channels_last)
     blocks = torch.ops.fastcnn.conv2d_weight_grad(g3, x3, [300, 20, 3, 3], [1, 1], [1, 1, 1, 1], [1, 1], 1)
-print(*(hashlib.sha256(t.numpy().tobytes()).hexdigest() for t in (gw, small, lw, fc, blocks)))
+    # A 3x3/2 input gradient: threads get ranges of tiles of equal work, not count.
+    g4 = torch.randn(8, 24, 12, 15).contiguous(memory_format=torch.channels_last)
+    w4 = torch.randn(24, 16, 3, 3).contiguous(memory_format=torch.channels_last)
+    gx = torch.ops.fastcnn.conv2d_input_grad(g4, w4, [8, 16, 23, 29], [2, 2], [1, 1, 1, 1], [1, 1], 1)
+print(*(hashlib.sha256(t.numpy().tobytes()).hexdigest() for t in (gw, small, lw, fc, blocks, gx)))
 """
 
 
