@@ -218,6 +218,33 @@ def test_backward_sums_in_torch_order(backend_device, layout, dtype):
     assert torch.equal(x.grad.cpu(), x_cpu.grad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("window", [((2, 2), (2, 2), (0, 0), False),  # VGG's pool; odd sizes: a row and column left over
+                                    ((2, 2), (2, 2), (1, 1), False),  # padded
+                                    ((3, 2), (3, 2), (1, 0), True)],  # part-windows at the end
+                         ids=["2x2", "2x2_padded", "3x2_ceil"])
+def test_backward_without_overlap(backend_device, window, dtype):
+    """Windows that do not overlap (stride = kernel): each input element gets its window's
+    gradient or zero, torch's bits (-0.0 becomes +0.0, NaN passes) over every channel count
+    around a vector block, and a batch of one whose channels are split over threads."""
+    _, device = backend_device
+    kernel, stride, padding, ceil_mode = window
+    for n, c in ((1, 75), (3, 8), (2, 5)):
+        x = make_input((n, c, 11, 9), dtype, device, "channels_last", requires_grad=True, seed=c)
+        out = TF.max_pool2d(x.detach(), kernel, stride, padding, ceil_mode=ceil_mode)
+        grad = make_input(tuple(out.shape), dtype, device, "channels_last", seed=c + 1)
+        flat = grad.permute(0, 2, 3, 1).view(-1)  # channels_last: a view in memory order
+        flat[::7] = -0.0
+        flat[3::11] = float("nan")
+        fastcnn_pool(x, kernel, stride, padding, 1, ceil_mode)[0].backward(grad)
+        x_ref = x.detach().clone().requires_grad_(True)
+        TF.max_pool2d(x_ref, kernel, stride, padding, ceil_mode=ceil_mode).backward(grad)
+        assert x.grad.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(x.grad.isnan(), x_ref.grad.isnan())
+        assert torch.equal(x.grad.nan_to_num().view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                           x_ref.grad.nan_to_num().view(torch.int16 if dtype == torch.bfloat16 else torch.int32))
+
+
 def test_functional_picks_the_op(backend_device):
     """Without a gradient to compute, functional uses the op without indices; with
     one, the op with indices, whose backward works."""
