@@ -330,6 +330,7 @@ struct Plan {
   bool prepacked;
   bool m_inside;  // a task runs every M block of its N block, over one packing of each B block
 
+  int64_t m_per_task() const { return m_inside ? m_blocks : 1; }
   int64_t m_tasks() const { return m_inside ? 1 : m_blocks; }
   int64_t tasks() const { return groups * m_tasks() * n_blocks; }
   void k_block(int64_t kb, int64_t& k0, int64_t& kl) const {
@@ -386,7 +387,6 @@ inline Plan make_plan(int64_t groups, int64_t M, int64_t N, int64_t K, int64_t k
   // L2; it then reads A once per N block. Taken where that moves less: A read n_blocks
   // times and B packed once, against m_blocks times (ResNet-50's 512->2048 1x1 at 7x7, A
   // packed, lost 10% with A read six times where it was read twice).
-  p.m_inside = false;
   const int64_t m_rows = round_up(M + ceil_div(M, kMcTarget) * MR, MR);  // bounds m_blocks * mc
   const int64_t nc_inside = std::min(kNcTarget, kMInsideElements / m_rows / nr * nr);
   if (!prepacked && m_blocks > 1 && nc_inside > 0 && groups * n_max >= threads) {
@@ -480,7 +480,7 @@ FASTCNN_ALWAYS_INLINE void tiles_body(const Problem* prob, const Plan* plan, con
   constexpr int NR = kNR<F>;
   const Plan& pl = *plan;
   const int64_t mc_pad = round_up(pl.mc, MR), nc_pad = round_up(pl.nc, NR);
-  const int64_t m_run = pl.m_inside ? pl.m_blocks : 1;  // M blocks per task
+  const int64_t m_run = pl.m_per_task();
   // With one K block each tile is stored as soon as it is made: one tile's scratch (in L1)
   // serves them all.
   Scratch<F> a_buf(mc_pad * pl.kc), c_buf(pl.k_blocks == 1 ? MR * NR : m_run * mc_pad * nc_pad);
@@ -600,7 +600,7 @@ void run(const Problem& prob, const acc_t<T>* prepacked_b = nullptr) {
       // rows of one stride phase meet one of the nine taps, another phase's four; split by
       // count, one thread took the light phases and waited: 0.72-0.76x -> 0.9x eager).
       // Still ranges: a thread's neighbouring tiles share their B block.
-      const int64_t m_tasks = plan.m_tasks(), m_run = plan.m_inside ? plan.m_blocks : 1;
+      const int64_t m_tasks = plan.m_tasks(), m_run = plan.m_per_task();
       std::vector<int64_t> work_before(size_t(plan.tasks()) + 1, int64_t(0));
       for (int64_t t = 0; t < plan.tasks(); ++t) {
         const int64_t m0 = (t % m_tasks) * m_run * plan.mc;
