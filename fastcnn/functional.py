@@ -2,7 +2,8 @@
 
 Each checks its arguments before calling its op, so that a wrong argument gets an
 error naming it rather than the dispatcher's schema mismatch. Pooling functions
-take (N, C, H, W) input, or unbatched (C, H, W) as torch.nn.functional does."""
+take (N, C, H, W) input, or unbatched (C, H, W) as torch.nn.functional does. Under
+torch.autocast each casts its tensors as its op's policy says (fastcnn/ops/autocast.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from torch import Tensor
 
 import fastcnn.ops  # noqa: F401  (registers torch.ops.fastcnn.*)
-from fastcnn.ops import direct, prepared
+from fastcnn.ops import autocast, direct, prepared
 from fastcnn.ops.checks import check_tensor
 from fastcnn.ops.avg_pool2d import prepare_avg_pool2d, prepare_avg_pool2d_grad
 from fastcnn.ops.conv2d import (check_conv2d, check_conv2d_into, check_user_padding, prepare_conv2d,
@@ -21,6 +22,7 @@ from fastcnn.ops.max_pool2d import prepare_max_pool2d
 from fastcnn.ops.pool_geometry import pool_params
 
 
+@autocast.follows("fastcnn::add_act", "a", "b")
 def add_act(a: Tensor, b: Tensor, act: str | None = "relu") -> Tensor:
     """Residual add, then `act` (None or "relu"): act(a + b) in one pass."""
     from fastcnn.ops.add_act import check_add_act
@@ -28,6 +30,7 @@ def add_act(a: Tensor, b: Tensor, act: str | None = "relu") -> Tensor:
     return direct.call("fastcnn::add_act", a, b, act)
 
 
+@autocast.follows("fastcnn::bias_act", "x", "bias")
 def bias_act(x: Tensor, bias: Tensor, act: str | None = "relu") -> Tensor:
     """Per-channel bias (along dim 1), then `act` (None, "relu", "tanh" or "sigmoid")."""
     from fastcnn.ops.bias_act import check_bias_act
@@ -42,6 +45,7 @@ def _batched(input: Tensor) -> tuple[Tensor, bool]:
     return (input.unsqueeze(0), True) if input.dim() == 3 else (input, False)
 
 
+@autocast.follows("fastcnn::max_pool2d")
 def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, ceil_mode: bool = False) -> Tensor:
     """As torch.nn.functional.max_pool2d; the backward is deterministic (no atomics).
     Without a gradient to compute, no indices are kept (half the bytes written)."""
@@ -59,6 +63,7 @@ def max_pool2d(input: Tensor, kernel_size, stride=None, padding=0, dilation=1, c
     return out.squeeze(0) if unbatched else out
 
 
+@autocast.follows("fastcnn::avg_pool2d")
 def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bool = False,
                count_include_pad: bool = True) -> Tensor:
     """As torch.nn.functional.avg_pool2d (without divisor_override)."""
@@ -75,6 +80,7 @@ def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bo
     return out.squeeze(0) if unbatched else out
 
 
+@autocast.follows("fastcnn::global_avg_pool2d")
 def global_avg_pool2d(input: Tensor) -> Tensor:
     """Mean over H and W: torch.nn.functional.adaptive_avg_pool2d(input, 1)."""
     run = prepared.launcher("global_avg_pool2d", (input,), (), prepare_global_avg_pool2d)
@@ -85,6 +91,7 @@ def global_avg_pool2d(input: Tensor) -> Tensor:
     return out.squeeze(0) if unbatched else out
 
 
+@autocast.follows("fastcnn::conv2d", "input", "weight", "bias", "residual")
 def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
            groups: int = 1, *, residual: Tensor | None = None, act: str | None = None, out: Tensor | None = None,
            channel_offset: int = 0, pack_weight: bool = False) -> Tensor:
@@ -146,6 +153,7 @@ def conv2d_relu(input: Tensor, weight: Tensor, bias: Tensor | None = None, strid
                   channel_offset=channel_offset, pack_weight=pack_weight)
 
 
+@autocast.follows("fastcnn::linear", "input", "weight", "bias")
 def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, act: str | None = None) -> Tensor:
     """act(torch.nn.functional.linear(input, weight, bias)) as one GEMM with its epilogue fused."""
     run = prepared.launcher("linear", (input, weight, bias), (act,), prepare_linear, prepare_linear_grad)
@@ -155,6 +163,7 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, act: st
     return direct.call("fastcnn::linear", input, weight, bias, act)
 
 
+@autocast.follows("fastcnn::local_response_norm")
 def local_response_norm(input: Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> Tensor:
     """As torch.nn.functional.local_response_norm: normalisation across channels (dim 1)
     of (N, C, *) input. 3-D (N, C, L) and 5-D or more run as (N, C, L, 1) and (N, C, D, rest)."""

@@ -13,7 +13,8 @@ from torch import nn
 import fastcnn
 import fastcnn.models as models
 from fastcnn.models import reference as reference_models
-from conftest import assert_close, assert_close_normwise, backend_devices, dispatched_ops, randomize_batch_norm, reduction_scale
+from conftest import (TOLERANCES, assert_close, assert_close_normwise, backend_devices, dispatched_ops,
+                      randomize_batch_norm, reduction_scale)
 
 pytestmark = pytest.mark.usefixtures("exact_float32")
 
@@ -341,3 +342,40 @@ def test_googlenet_branches_into_slices_matches_cat_and_hands_back_views():
         assert torch.equal(g, grad[:, offset:offset + b.shape[1]])
         assert g.untyped_storage().data_ptr() == grad.untyped_storage().data_ptr() and g.stride() == grad.stride()
         offset += b.shape[1]
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return (actual.double() - expected).abs().max().item() / expected.abs().max().item()
+
+
+@pytest.mark.parametrize("case, mode", [("lenet5", "train"), ("resnet18", "eval"), ("vgg11_bn", "train"),
+                                        ("googlenet", "eval"), ("alexnet_original", "eval")])
+def test_autocast_as_accurate_as_torch(case, mode):
+    """Under torch.autocast (bfloat16 on the CPU) each model computes in bfloat16 like
+    its plain torch.nn reference, and lands as close to the float64 result: output
+    and every parameter's gradient within twice the reference's own autocast error
+    (or bfloat16's tolerance, where that error is smaller). ResNet-18 runs in eval
+    mode: in training its BatchNorms over 2x2-pixel maps amplify rounding so far that
+    the reference's own bfloat16 gradients are ~70% off in layer3."""
+    model, reference, shape = model_pair(case, torch.float32)
+    exact = model_pair(case)[1]
+    for m in (model, reference, exact):
+        m.train(mode == "train")
+    x = torch.randn(2, *shape)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        outs, ref_outs = as_tuple(model(x)), as_tuple(reference(x))
+    exact_outs = as_tuple(exact(x.double()))
+    weights = [torch.randn_like(e) for e in exact_outs]
+    for m, o in ((model, outs), (reference, ref_outs), (exact, exact_outs)):
+        sum((out.to(w.dtype) * w).sum() for out, w in zip(o, weights)).backward()
+    floor = TOLERANCES[torch.bfloat16][0]
+    assert outs[0].dtype == ref_outs[0].dtype == torch.bfloat16
+    for o, r, e in zip(outs, ref_outs, exact_outs):
+        assert relative_error(o, e) <= max(2 * relative_error(r, e), floor)
+    ref_params, exact_params = dict(reference.named_parameters()), dict(exact.named_parameters())
+    for name, p in model.named_parameters():
+        if exact_params[name].grad is None:
+            continue
+        assert p.grad.dtype == torch.float32, name
+        bound = max(2 * relative_error(ref_params[name].grad, exact_params[name].grad), floor)
+        assert relative_error(p.grad, exact_params[name].grad) <= bound, name

@@ -20,7 +20,7 @@ from fastcnn.ops.launch import backend_table
 from fastcnn.ops.layout import dense_in, memory_format_of, new_like
 from fastcnn.ops.pool_geometry import PoolParams, geometry, pool_params
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
-from fastcnn.ops import direct, prepared
+from fastcnn.ops import autocast, direct, prepared
 
 _ARGS = "int[2] kernel_size, int[2] stride, int[2] padding, bool ceil_mode, bool count_include_pad"
 FORWARD_SCHEMA = f"(Tensor input, {_ARGS}) -> Tensor"
@@ -199,6 +199,7 @@ def prepare_avg_pool2d_grad(input, kernel_size, stride, padding, ceil_mode, coun
 
 
 direct.register_autograd(avg_pool2d, "fastcnn::avg_pool2d", _backward, _setup_context)
+autocast.register("fastcnn::avg_pool2d", autocast.KEEP)
 direct.register_prepare("fastcnn::avg_pool2d", _prepare_avg_pool2d_op)
 
 

@@ -36,7 +36,7 @@ from fastcnn.ops.launch import backend_table
 from fastcnn.ops.layout import memory_format_of, new_like
 from fastcnn.ops.packed_weights import packed_conv_weight
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
-from fastcnn.ops import direct, prepared
+from fastcnn.ops import autocast, direct, prepared
 from fastcnn.ops.precision import acc_dtype
 
 ACTS = (None, "relu", "tanh", "sigmoid")
@@ -568,6 +568,8 @@ def _backward(ctx, grad):
 
 
 direct.register_autograd(conv2d, "fastcnn::conv2d", _backward, _setup_context)
+autocast.register("fastcnn::conv2d", autocast.LOWER)
+autocast.register("fastcnn::conv2d_into", autocast.LOWER, skip=(0,))  # out keeps its dtype: it is written into
 direct.register_prepare("fastcnn::conv2d", _prepare_conv2d_op)
 
 

@@ -17,7 +17,7 @@ from fastcnn.ops.checks import check_matches, check_tensor
 from fastcnn.ops.launch import backend_table
 from fastcnn.ops.layout import dense_in, memory_format_of, new_like
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
-from fastcnn.ops import direct, prepared
+from fastcnn.ops import autocast, direct, prepared
 
 
 def check_global_avg_pool2d(input) -> None:
@@ -154,6 +154,7 @@ def _backward(ctx, grad):
 
 
 direct.register_autograd(global_avg_pool2d, "fastcnn::global_avg_pool2d", _backward, _setup_context)
+autocast.register("fastcnn::global_avg_pool2d", autocast.KEEP)
 
 
 # The backward is the forward's transpose: its gradient (double backward) is the

@@ -27,7 +27,7 @@ from fastcnn.ops.conv2d import pre_activation_grad, torch_act
 from fastcnn.ops.launch import backend_table
 from fastcnn.ops.precision import acc_dtype
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
-from fastcnn.ops import direct, prepared
+from fastcnn.ops import autocast, direct, prepared
 
 ACTS = (None, "relu", "tanh", "sigmoid")
 
@@ -171,6 +171,7 @@ def _backward(ctx, grad):
 
 
 direct.register_autograd(linear, "fastcnn::linear", _backward, _setup_context)
+autocast.register("fastcnn::linear", autocast.LOWER)
 
 
 @torch.library.triton_op("fastcnn::linear_triton", mutates_args=())

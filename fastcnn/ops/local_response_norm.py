@@ -25,7 +25,7 @@ from fastcnn.ops.checks import check_matches, check_tensor
 from fastcnn.ops.launch import backend_table
 from fastcnn.ops.layout import dense_in, memory_format_of, new_like
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
-from fastcnn.ops import direct
+from fastcnn.ops import autocast, direct
 from fastcnn.ops.precision import acc_dtype
 
 
@@ -182,6 +182,7 @@ def _backward(ctx, grad):
 
 
 direct.register_autograd(local_response_norm, "fastcnn::local_response_norm", _backward, _setup_context)
+autocast.register("fastcnn::local_response_norm", autocast.KEEP)
 
 
 # --- Triton twins that torch.compile traces into (see triton_route.py)

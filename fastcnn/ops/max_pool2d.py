@@ -25,7 +25,7 @@ from fastcnn.ops.launch import backend_table
 from fastcnn.ops.layout import dense_in, memory_format_of, new_like
 from fastcnn.ops.pool_geometry import PoolParams, geometry, pool_params
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
-from fastcnn.ops import direct, prepared
+from fastcnn.ops import autocast, direct, prepared
 
 _WINDOW = "int[2] kernel_size, int[2] stride, int[2] padding, int[2] dilation, bool ceil_mode"
 FORWARD_SCHEMA = f"(Tensor input, {_WINDOW}) -> (Tensor, Tensor)"
@@ -240,6 +240,8 @@ def _backward(ctx, grad_output, _grad_indices):
 
 
 direct.register_autograd(max_pool2d, "fastcnn::max_pool2d", _backward, _setup_context)
+autocast.register("fastcnn::max_pool2d", autocast.KEEP)
+autocast.register("fastcnn::max_pool2d_no_indices", autocast.KEEP)
 
 
 # --- Triton twins that torch.compile traces into (see triton_route.py)
