@@ -32,7 +32,8 @@ LOWER = "lower"
 WIDEST = "widest"
 KEEP = "keep"
 
-_DEVICE_TYPES = ("cpu", "cuda")
+_AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}  # the device types, and their dispatch keys
+_DEVICE_TYPES = tuple(_AUTOCAST_KEYS)
 _POLICIES: dict[str, tuple[str, tuple[int, ...]]] = {}  # op name -> (policy, argument positions left alone)
 _LIBRARY = torch.library.Library("fastcnn", "IMPL")
 _any_enabled = torch._C._is_any_autocast_enabled
@@ -87,8 +88,7 @@ def register(name: str, policy: str, *, skip: Sequence[int] = ()) -> None:
     output it writes into)."""
     _POLICIES[name] = (policy, tuple(skip))
     overload = getattr(torch.ops.fastcnn, name.split("::")[1]).default
-    for device_type in _DEVICE_TYPES:
-        key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    for device_type, key_name in _AUTOCAST_KEYS.items():
         key = getattr(torch._C.DispatchKey, key_name)
 
         def autocast_kernel(*args, _device_type=device_type, _key=key):
