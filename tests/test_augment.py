@@ -297,11 +297,18 @@ def test_flip_crop_offset_is_a_library_op(backend):
                               test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
 
 
-def test_flip_crop_offset_compiles_fullgraph():
-    x, size, top, left, flip, offset, padding = _op_args(images((2, 3, 7, 9)))
+@pytest.mark.parametrize("backend, device", [
+    ("torch", "cpu"),
+    pytest.param("triton", "cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+])
+def test_flip_crop_offset_compiles_fullgraph(backend, device):
+    """On CUDA the compiled graph takes the Triton twin, whose launch must go through
+    wrap_triton (a direct launch asks the traced tensors for data pointers)."""
+    x, size, top, left, flip, offset, padding = (a.to(device) if isinstance(a, torch.Tensor) else a
+                                                 for a in _op_args(images((2, 3, 7, 9))))
 
     def step(x, top, left, flip, offset):
-        return flip_crop_offset(x, size, top, left, flip, offset, padding, backend="torch") * 2
+        return flip_crop_offset(x, size, top, left, flip, offset, padding, backend=backend) * 2
 
     compiled = torch.compile(step, fullgraph=True)
     assert torch.equal(compiled(x, top, left, flip, offset), step(x, top, left, flip, offset))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from fastcnn.triton.common import acc_dtype
 
@@ -62,6 +63,6 @@ def flip_crop_offset(images: torch.Tensor, out: torch.Tensor, top: torch.Tensor,
     n, c, hi, wi = images.shape
     h, w = out.shape[-2:]
     grid = (n * c, triton.cdiv(h * w, BLOCK))
-    flip_crop_offset_kernel[grid](images, out, top, left, flip, offset, c, hi, wi, h, w, padding,
-                                  *images.stride(), *out.stride(), ACC=acc_dtype(images.dtype),
-                                  BF16_OUT=out.dtype == torch.bfloat16, BLOCK=BLOCK)
+    wrap_triton(flip_crop_offset_kernel)[grid](images, out, top, left, flip, offset, c, hi, wi, h, w, padding,
+                                              *images.stride(), *out.stride(), ACC=acc_dtype(images.dtype),
+                                              BF16_OUT=out.dtype == torch.bfloat16, BLOCK=BLOCK)
