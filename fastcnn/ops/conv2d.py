@@ -37,7 +37,7 @@ from fastcnn.ops.layout import memory_format_of, new_like
 from fastcnn.ops.packed_weights import packed_conv_weight
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
 from fastcnn.ops import autocast, direct, prepared
-from fastcnn.ops.precision import acc_dtype
+from fastcnn.ops.precision import acc_dtype, conv_allows_tf32
 
 ACTS = (None, "relu", "tanh", "sigmoid")
 
@@ -149,7 +149,7 @@ def _cuda_conv2d(x, w, bias, residual, out, params, act):
 def _triton_conv2d(x, w, bias, residual, out, params, act):
     from fastcnn.triton import conv2d as kernels
     kernels.conv2d_forward(x, w, bias, residual, out, geometry(params, x.shape, w.shape), act,
-                           torch.backends.cudnn.allow_tf32)
+                           conv_allows_tf32())
 
 
 FORWARD = backend_table(torch=_torch_conv2d, cpu=_cpu_conv2d, cuda=_cuda_conv2d, triton=_triton_conv2d)
@@ -353,7 +353,7 @@ def _cuda_conv2d_input_grad(grad, w, grad_x, params):
 def _triton_conv2d_input_grad(grad, w, grad_x, params):
     from fastcnn.triton import conv2d as kernels
     kernels.conv2d_input_grad(grad, w, grad_x, geometry(params, grad_x.shape, w.shape),
-                              torch.backends.cudnn.allow_tf32)
+                              conv_allows_tf32())
 
 
 INPUT_GRAD = backend_table(torch=_torch_conv2d_input_grad, cpu=_cpu_conv2d_input_grad,
@@ -464,7 +464,7 @@ def _cuda_conv2d_weight_grad(grad, x, grad_w, params):
 def _triton_conv2d_weight_grad(grad, x, grad_w, params):
     from fastcnn.triton import conv2d as kernels
     kernels.conv2d_weight_grad(grad, x, grad_w, geometry(params, x.shape, grad_w.shape),
-                               torch.backends.cudnn.allow_tf32)
+                               conv_allows_tf32())
 
 
 WEIGHT_GRAD = backend_table(torch=_torch_conv2d_weight_grad, cpu=_cpu_conv2d_weight_grad,

@@ -25,7 +25,7 @@ from fastcnn import _native, backends
 from fastcnn.ops.checks import check_act, check_layer_bias, check_matches, check_tensor
 from fastcnn.ops.conv2d import pre_activation_grad, torch_act
 from fastcnn.ops.launch import backend_table
-from fastcnn.ops.precision import acc_dtype
+from fastcnn.ops.precision import acc_dtype, matmul_allows_tf32
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
 from fastcnn.ops import autocast, direct, prepared
 
@@ -70,7 +70,7 @@ def _cuda_linear(a, b, bias, out, act):
 
 def _triton_linear(a, b, bias, out, act):
     from fastcnn.triton import linear as kernels
-    kernels.linear(a, b, bias, out, act, torch.backends.cuda.matmul.allow_tf32)
+    kernels.linear(a, b, bias, out, act, matmul_allows_tf32())
 
 
 FORWARD = backend_table(torch=_torch_linear, cpu=_cpu_linear, cuda=_cuda_linear, triton=_triton_linear)
