@@ -418,12 +418,20 @@ def _key(geometry: list[int], t: torch.Tensor, weight: torch.Tensor, dot: int) -
     return "x".join(str(v) for v in geometry) + "-" + _layout(t) + "-w" + _layout(weight) + tf32
 
 
+def _unpadded_1x1(geometry: list[int]) -> bool:
+    """A 1x1 kernel whose every tap lies inside the image: MODE_GEMM loads pixels
+    unmasked. Padding at the bottom or right (the op schema's four-int form) puts the
+    last rows or columns outside, though top and left padding are 0."""
+    nb, c, h, w, k, r, s, oh, ow, sh, sw, ph, pw, dh, dw, groups = _unpack(geometry)
+    return r == 1 and s == 1 and ph == 0 and pw == 0 and (oh - 1) * sh < h and (ow - 1) * sw < w
+
+
 def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    residual: torch.Tensor | None, out: torch.Tensor, geometry: list[int], act: str | None,
                    allow_tf32: bool, config: tuning.Config | None = None) -> None:
     nb, c, h, w, k, r, s, oh, ow, sh, sw, ph, pw, dh, dw, groups = _unpack(geometry)
     cg, kg = c // groups, k // groups
-    if r == 1 and s == 1 and ph == 0 and pw == 0:
+    if _unpadded_1x1(geometry):
         mode = MODE_GEMM
     else:
         mode = MODE_FLAT if _flat(cg) else MODE_TAPS
@@ -492,7 +500,7 @@ def conv2d_weight_grad(grad: torch.Tensor, x: torch.Tensor, grad_w: torch.Tensor
                        allow_tf32: bool, config: tuning.Config | None = None) -> None:
     nb, c, h, w, k, r, s, oh, ow, sh, sw, ph, pw, dh, dw, groups = _unpack(geometry)
     cg, kg = c // groups, k // groups
-    mode = MODE_GEMM if r == 1 and s == 1 and ph == 0 and pw == 0 else MODE_TAPS
+    mode = MODE_GEMM if _unpadded_1x1(geometry) else MODE_TAPS
     crs = r * s * cg
     p = nb * oh * ow
     splits, chunk = weight_grad_splits(geometry)
