@@ -206,6 +206,17 @@ def test_cache_dir_is_outside_the_package(monkeypatch, tmp_path):
     assert ROOT / "fastcnn" not in tuning.cache_dir().parents
 
 
+def test_no_cache_dir_without_a_home(monkeypatch):
+    """HOME unset and no passwd entry (Path.home() raises): no cache, not an error."""
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.delenv("FASTCNN_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    assert tuning.cache_dir() is None
+
+
 def test_committed_tables_are_valid():
     tables = list(tuning.TABLE_DIR.glob("*.json"))
     assert tables

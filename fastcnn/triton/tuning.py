@@ -138,12 +138,20 @@ def device_shared_memory(device: torch.device) -> int:
         return int(torch.cuda.get_device_properties(index).shared_memory_per_block_optin)
 
 
-def cache_dir() -> Path:
+def cache_dir() -> Path | None:
+    """Where tuned configs are kept between runs; None where no home directory can be
+    found (HOME unset and a user without a passwd entry, as in some containers):
+    tuning then lasts for the process."""
     explicit = os.environ.get("FASTCNN_CACHE_DIR")
     if explicit:
         return Path(explicit)
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "fastcnn"
+    if xdg:
+        return Path(xdg) / "fastcnn"
+    try:
+        return Path.home() / ".cache" / "fastcnn"
+    except RuntimeError:
+        return None
 
 
 def _entry_key(key: str, dtype: torch.dtype) -> str:
@@ -287,9 +295,10 @@ def tuner_for(device: torch.device) -> Tuner:
     index = device.index if device.index is not None else torch.cuda.current_device()
     if index not in _tuners:
         kind = gpu_kind(torch.device("cuda", index))
+        cache = cache_dir()
         _tuners[index] = Tuner(kind, device_shared_memory(torch.device("cuda", index)),
                                TABLE_DIR / f"{kind}.json",
-                               cache_dir() / f"triton-{triton.__version__}-{kind}.json")
+                               cache / f"triton-{triton.__version__}-{kind}.json" if cache is not None else None)
     return _tuners[index]
 
 
