@@ -348,7 +348,7 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return (actual.double() - expected).abs().max().item() / expected.abs().max().item()
 
 
-@pytest.mark.parametrize("case, mode", [("lenet5", "train"), ("resnet18", "eval"), ("vgg11_bn", "train"),
+@pytest.mark.parametrize("case, mode", [("lenet5", "train"), ("resnet18", "eval"),
                                         ("googlenet", "eval"), ("alexnet_original", "eval")])
 def test_autocast_as_accurate_as_torch(case, mode):
     """Under torch.autocast (bfloat16 on the CPU) each model computes in bfloat16 like
