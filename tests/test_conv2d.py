@@ -421,6 +421,23 @@ def test_channel_slice_output_with_grad(backend_device):
     assert_close(b.grad, br.grad.float(), scale=4)
 
 
+def test_channel_slice_output_overlapping_its_operands(backend_device):
+    """Operands inside out are read as they were before the call: here a 3x3
+    convolution of out's first channels written back over them, plus themselves as
+    the residual, so tiles overwrite pixels that their neighbours still read."""
+    _, device = backend_device
+    conv = Conv("in_place", 2, 6, 33, 40, 6, (3, 3), padding=1)
+    out = make_input((conv.n, 8, conv.h, conv.w), torch.float32, device, "channels_last")
+    w = make_weight(conv, torch.float32, device)
+    for launch in range(2):  # the first call runs the op's body, the next a prepared launcher
+        before = out.clone()
+        expected = reference(conv, before[:, :6], w, None, before[:, :6], "relu").float()
+        y = F.conv2d_relu(out[:, :6], w, None, 1, 1, residual=out[:, :6], out=out, channel_offset=0)
+        assert y.data_ptr() == out.data_ptr()
+        assert_close(out[:, :6], expected, scale=reduction_scale(6 * 9))
+        assert torch.equal(out[:, 6:], before[:, 6:])
+
+
 def test_into_op_checks_the_slice():
     x = torch.randn(1, 4, 5, 5)
     w = torch.randn(6, 4, 3, 3)

@@ -222,7 +222,24 @@ def conv2d_into(out: Tensor, channel_offset: int, input: Tensor, weight: Tensor,
                 groups: int, act: Optional[str]) -> None:
     params = check_conv2d(input, weight, bias, residual, stride, padding, dilation, groups, act)
     target = check_conv2d_into(out, channel_offset, input, weight, params)
+    input, weight, residual = read_apart_from(out, input, weight, residual)
     _launch_forward(FORWARD[backends.resolve(input.device)], input, weight, bias, residual, target, params, act)
+
+
+def read_apart_from(out: Tensor, *tensors):
+    """tensors, each one that shares memory with out replaced by a copy: the kernels
+    write out tile by tile while still reading their operands (and Triton's tuning runs
+    them more than once), so an operand inside out, such as a residual added in place,
+    is read as it was before the call."""
+    storage = out.untyped_storage().data_ptr()
+    return tuple(_copy_with_strides(t) if t is not None and t.untyped_storage().data_ptr() == storage else t
+                 for t in tensors)
+
+
+def _copy_with_strides(t: Tensor) -> Tensor:
+    """A copy with t's own strides, gaps included (clone() makes a slice dense): a
+    prepared launcher has them bound."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
 
 
 @conv2d_into.register_fake
@@ -256,6 +273,7 @@ def prepare_conv2d(input, weight, bias, residual, out, stride, padding, dilation
         def run_into(x, w, b, r, o):
             target = o.narrow(1, channel_offset, channels)
             if nonempty:
+                x, w, r = read_apart_from(o, x, w, r)
                 launch(x, w, b, r, target)
             return target
         return run_into
