@@ -101,7 +101,9 @@ def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, 
     "relu", "tanh" or "sigmoid"; `residual` has the output's shape. With `out`,
     the result is written into out[:, channel_offset:channel_offset + C_out] and
     that slice is returned (an Inception module's branches fill one tensor); when
-    a gradient is needed the result is computed first and then copied there.
+    a gradient is needed the result is computed first and then copied there. Inputs
+    that share memory with out (a residual added in place) are read as they were
+    before the call.
     `pack_weight=True` (for inference; the convs of a fused model set it) lets the
     CPU keep the weight in its kernel's packed layout between calls, packing again
     when the weight's data pointer or version counter changes (see
