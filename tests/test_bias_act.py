@@ -197,6 +197,7 @@ def test_gradcheck(backend):
             assert torch.autograd.gradcheck(lambda a, b: F.bias_act(a, b, act), (x, bias3))
             assert torch.autograd.gradcheck(lambda a, b: F.bias_act(a, b, act), (x_cl.requires_grad_(), bias3))
             assert torch.autograd.gradcheck(lambda a, b: F.bias_act(a, b, act), (fc, bias7))
+            assert torch.autograd.gradgradcheck(lambda a, b: F.bias_act(a, b, act), (x, bias3))
 
 
 def test_opcheck():

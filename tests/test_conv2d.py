@@ -545,6 +545,8 @@ def test_gradcheck(backend):
         for conv, act in ((CASES["c3_5x5_s2"], "tanh"), (CASES["groups2"], "sigmoid"), (CASES["same_even_kernel"], None)):
             x, w, b, r = inputs(conv, torch.float64, "cpu", "channels_last", requires_grad=True)
             assert torch.autograd.gradcheck(lambda *a: run_fastcnn(conv, *a, act), (x, w, b, r))
+            if act == "sigmoid":  # the gradient ops' own gradients (double backward), on one case: it is slow
+                assert torch.autograd.gradgradcheck(lambda *a: run_fastcnn(conv, *a, act), (x, w, b, r))
 
 
 def test_opcheck():

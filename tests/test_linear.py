@@ -181,6 +181,7 @@ def test_gradcheck(backend):
         for act in ACTS:
             x, w, b = make((3, 2, 7), 4, torch.float64, "cpu")
             assert torch.autograd.gradcheck(lambda *a: F.linear(*a, act=act), (x, w, b))
+            assert torch.autograd.gradgradcheck(lambda *a: F.linear(*a, act=act), (x, w, b))
 
 
 def test_opcheck():

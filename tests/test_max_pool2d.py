@@ -297,6 +297,7 @@ def test_gradcheck():
         with fastcnn.use_backend(backend):
             assert torch.autograd.gradcheck(lambda t: F.max_pool2d(t, 3, 2, 1), (x,))
             assert torch.autograd.gradcheck(lambda t: F.max_pool2d(t, (2, 3), 1, (1, 0), (2, 1), True), (x,))
+            assert torch.autograd.gradgradcheck(lambda t: F.max_pool2d(t, (2, 3), 1, (1, 0), (2, 1), True), (x,))
 
 
 def test_opcheck():

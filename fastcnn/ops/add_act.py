@@ -18,6 +18,7 @@ from fastcnn.ops.launch import backend_table
 from fastcnn.ops.layout import dense_in, memory_format_of, new_like
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
 from fastcnn.ops import autocast, direct
+from fastcnn.ops.activation_grad import grad_from_output_backward
 
 ACTS = (None, "relu")
 
@@ -135,6 +136,20 @@ def _backward(ctx, grad):
 
 
 direct.register_autograd(add_act, "fastcnn::add_act", _backward, _setup_context)
+
+
+def _setup_backward_context(ctx, inputs, output):
+    grad, out, ctx.act = inputs
+    ctx.save_for_backward(grad, out)
+
+
+def _backward_backward(ctx, grad_grad):
+    grad, out = ctx.saved_tensors
+    d_grad, d_out = grad_from_output_backward(grad_grad, grad, out, ctx.act)
+    return d_grad, d_out, None
+
+
+add_act_backward.register_autograd(_backward_backward, setup_context=_setup_backward_context)
 autocast.register("fastcnn::add_act", autocast.WIDEST)
 
 

@@ -26,6 +26,7 @@ from fastcnn.ops.launch import backend_table
 from fastcnn.ops.layout import dense_in, memory_format_of, new_like
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
 from fastcnn.ops import autocast, direct
+from fastcnn.ops.activation_grad import grad_from_output_backward
 from fastcnn.ops.precision import acc_dtype
 
 ACTS = (None, "relu", "tanh", "sigmoid")
@@ -214,6 +215,25 @@ def _backward(ctx, grad):
 
 
 direct.register_autograd(bias_act, "fastcnn::bias_act", _backward, _setup_context)
+
+
+def _setup_backward_context(ctx, inputs, output):
+    grad, out, ctx.act = inputs
+    ctx.save_for_backward(grad, out)
+
+
+def _backward_backward(ctx, grad_grad_x, grad_grad_bias):
+    """bias_act_backward's own gradients: grad_x = act'(out) * grad and grad_bias =
+    grad_x summed over every dim but 1, so both incoming gradients reach grad through
+    act'(out), and out (through act'') where the activation is curved."""
+    grad, out = ctx.saved_tensors
+    per_channel = [1, -1] + [1] * (grad.dim() - 2)
+    grad_grad = grad_grad_x + grad_grad_bias.view(per_channel)
+    d_grad, d_out = grad_from_output_backward(grad_grad, grad, out, ctx.act)
+    return d_grad, d_out, None
+
+
+bias_act_backward.register_autograd(_backward_backward, setup_context=_setup_backward_context)
 autocast.register("fastcnn::bias_act", autocast.WIDEST)
 
 

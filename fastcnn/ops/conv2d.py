@@ -586,6 +586,49 @@ def _backward(ctx, grad):
 
 
 direct.register_autograd(conv2d, "fastcnn::conv2d", _backward, _setup_context)
+
+
+# The gradient ops' own gradients (a double backward): both are bilinear, in (grad,
+# weight) and in (grad, input), so each derivative is one of the three convolutions.
+
+def _setup_input_grad_context(ctx, inputs, output):
+    grad, weight, input_size, *conv = inputs
+    ctx.conv = conv
+    ctx.weight_shape = list(weight.shape)
+    ctx.weight_channels_last = not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
+    ctx.save_for_backward(grad, weight)
+
+
+def _input_grad_backward(ctx, grad_grad_x):
+    grad, weight = ctx.saved_tensors
+    d_grad = d_weight = None
+    if ctx.needs_input_grad[0]:
+        d_grad = direct.call("fastcnn::conv2d", grad_grad_x, weight, None, None, *ctx.conv, None)
+    if ctx.needs_input_grad[1]:
+        d_weight = direct.call("fastcnn::conv2d_weight_grad", grad, grad_grad_x, ctx.weight_shape, *ctx.conv,
+                               ctx.weight_channels_last)
+    return d_grad, d_weight, None, None, None, None, None
+
+
+def _setup_weight_grad_context(ctx, inputs, output):
+    grad, input, weight_size, *conv, channels_last = inputs
+    ctx.conv = conv
+    ctx.input_shape = list(input.shape)
+    ctx.save_for_backward(grad, input)
+
+
+def _weight_grad_backward(ctx, grad_grad_w):
+    grad, input = ctx.saved_tensors
+    d_grad = d_input = None
+    if ctx.needs_input_grad[0]:
+        d_grad = direct.call("fastcnn::conv2d", input, grad_grad_w, None, None, *ctx.conv, None)
+    if ctx.needs_input_grad[1]:
+        d_input = direct.call("fastcnn::conv2d_input_grad", grad, grad_grad_w, ctx.input_shape, *ctx.conv)
+    return d_grad, d_input, None, None, None, None, None, None
+
+
+conv2d_input_grad.register_autograd(_input_grad_backward, setup_context=_setup_input_grad_context)
+conv2d_weight_grad.register_autograd(_weight_grad_backward, setup_context=_setup_weight_grad_context)
 autocast.register("fastcnn::conv2d", autocast.LOWER)
 autocast.register("fastcnn::conv2d_into", autocast.LOWER, skip=(0,))  # out keeps its dtype: it is written into
 direct.register_prepare("fastcnn::conv2d", _prepare_conv2d_op)

@@ -182,6 +182,26 @@ def _backward(ctx, grad):
 
 
 direct.register_autograd(local_response_norm, "fastcnn::local_response_norm", _backward, _setup_context)
+
+
+def _setup_backward_context(ctx, inputs, output):
+    grad_output, input, *ctx.params = inputs
+    ctx.save_for_backward(grad_output, input)
+
+
+def _backward_backward(ctx, grad_grad_input):
+    """local_response_norm_backward's own gradients, from torch's LRN differentiated
+    twice (a double backward is rare; its formula is long). Second order only: the
+    results are not differentiable again."""
+    grad_output, input = ctx.saved_tensors
+    with torch.enable_grad():
+        g, x = grad_output.detach().requires_grad_(), input.detach().requires_grad_()
+        (grad_x,) = torch.autograd.grad(torch_F.local_response_norm(x, *ctx.params), x, g, create_graph=True)
+        d_grad_output, d_input = torch.autograd.grad(grad_x, (g, x), grad_grad_input)
+    return d_grad_output, d_input, None, None, None, None
+
+
+local_response_norm_backward.register_autograd(_backward_backward, setup_context=_setup_backward_context)
 autocast.register("fastcnn::local_response_norm", autocast.KEEP)
 
 

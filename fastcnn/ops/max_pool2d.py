@@ -240,6 +240,22 @@ def _backward(ctx, grad_output, _grad_indices):
 
 
 direct.register_autograd(max_pool2d, "fastcnn::max_pool2d", _backward, _setup_context)
+
+
+def _setup_backward_context(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])  # indices
+
+
+def _backward_backward(ctx, grad_grad_input):
+    """max_pool2d_backward scatters each output gradient to its window's maximum, so
+    its own gradient gathers from there (as torch's double backward does)."""
+    (indices,) = ctx.saved_tensors
+    n, c = indices.shape[:2]
+    d_grad_output = grad_grad_input.reshape(n, c, -1).gather(2, indices.reshape(n, c, -1)).view(indices.shape)
+    return d_grad_output, None, None, None, None, None, None, None
+
+
+max_pool2d_backward.register_autograd(_backward_backward, setup_context=_setup_backward_context)
 autocast.register("fastcnn::max_pool2d", autocast.KEEP)
 autocast.register("fastcnn::max_pool2d_no_indices", autocast.KEEP)
 
