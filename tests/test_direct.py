@@ -1,6 +1,7 @@
 """fastcnn.ops.direct: eager calls that need no autograd, tracing or mode run the
 op's body without the dispatcher; everything else goes through the op."""
 
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -45,6 +46,26 @@ def test_everything_else_goes_through_the_op():
     seen = []
     torch.vmap(lambda t: seen.append(dispatcher_needed((t,))) or t)(x)
     assert seen == [True]
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # argument checks read shapes
+def test_jit_trace_records_the_ops():
+    """torch.jit.trace records only what reaches the dispatcher: a body run directly
+    would leave its kernel out, and the traced function would return an uninitialised
+    tensor. Traced calls go through the ops, so the trace computes the same results on
+    new inputs."""
+    w, b, fc = torch.randn(4, 3, 3, 3), torch.randn(4), torch.randn(5, 4)
+
+    def net(x):
+        y = F.max_pool2d(F.conv2d(x, w, b, padding=1, act="relu"), 2)
+        return F.linear(F.global_avg_pool2d(y).flatten(1), fc, act="tanh")
+
+    with torch.no_grad():
+        traced = torch.jit.trace(net, torch.randn(2, 3, 8, 8))
+        x = torch.randn(2, 3, 8, 8)
+        assert torch.equal(traced(x), net(x))
+    graph = str(traced.graph)
+    assert all(f"fastcnn::{op}" in graph for op in ("conv2d", "max_pool2d_no_indices", "global_avg_pool2d", "linear"))
 
 
 def test_direct_and_dispatched_calls_agree_and_ops_stay_visible():

@@ -175,6 +175,20 @@ def test_fuse_same_outputs_fewer_kernels(case):
     assert model.fuse(inplace=True) is model
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")  # argument checks read shapes
+@pytest.mark.parametrize("case", ["lenet5", "resnet18", "googlenet_no_aux"])
+def test_jit_trace(case):
+    """A traced model (plain and fused) computes what the model does on a new input; the
+    fused GoogLeNet's channel offsets stay ints while shapes are traced."""
+    model, _, shape = model_pair(case, torch.float32)
+    model.eval()
+    for m in (model, model.fuse()):
+        with torch.no_grad():
+            traced = torch.jit.trace(m, torch.randn(2, *shape))
+            x = torch.randn(2, *shape)
+            assert torch.equal(traced(x), m(x))
+
+
 def test_fuse_needs_eval_mode():
     with pytest.raises(ValueError, match="eval"):
         models.resnet18(num_classes=10).fuse()

@@ -103,7 +103,8 @@ class Inception(nn.Module):
             y = x
             for module in (branch[:-1] if isinstance(branch, nn.Sequential) else ()):
                 y = module(y)
-            offset += last(y, out, offset).shape[1]
+            last(y, out, offset)
+            offset += last.conv.out_channels  # an int even under torch.jit.trace, where shapes are traced
         return out
 
 

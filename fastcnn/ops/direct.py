@@ -38,8 +38,11 @@ _STRIDED = torch.strided
 
 
 def modes_active() -> bool:
-    """Tracing, a dispatch or function mode, a functorch transform or the profiler."""
-    return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+    """Tracing (torch.compile, torch.jit.trace), a dispatch or function mode, a
+    functorch transform or the profiler. torch.jit.trace records only what reaches the
+    dispatcher: a body run directly would leave its kernel launch out of the trace."""
+    return (torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
+            or torch._C._len_torch_dispatch_stack() > 0
             or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()
             or torch._C._autograd._profiler_enabled())
 
