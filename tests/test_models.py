@@ -189,6 +189,18 @@ def test_jit_trace(case):
             assert torch.equal(traced(x), m(x))
 
 
+def test_torch_export_with_a_dynamic_batch():
+    """torch.export of a fused model with the batch size left symbolic (the ops' fakes
+    take symbolic shapes): the exported program matches the model at another batch."""
+    model, _, shape = model_pair("googlenet_no_aux", torch.float32)
+    fused = model.eval().fuse()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    program = torch.export.export(fused, (torch.randn(2, *shape),), dynamic_shapes=({0: batch},))
+    x = torch.randn(5, *shape)
+    with torch.no_grad():
+        assert torch.equal(program.module()(x), fused(x))
+
+
 def test_fuse_needs_eval_mode():
     with pytest.raises(ValueError, match="eval"):
         models.resnet18(num_classes=10).fuse()
