@@ -32,7 +32,7 @@ timeout 100 "$PY" -m pytest tests -q --maxfail=5 -k "cuda or compile" -p no:cach
   --junitxml="$OUT_DIR/tests.xml" >"$OUT_DIR/tests.log" 2>&1 || status=1
 tail -5 "$OUT_DIR/tests.log"
 timeout 140 "$PY" -m pytest tests/test_conv2d.py tests/test_linear.py -q --maxfail=5 -p no:cacheprovider \
-  -k "cuda and (odd_geometries or dtypes or epilogues or small or channel_slice or forward_backward)" \
+  -k "cuda and (odd_geometries or dtypes or epilogues or small or channel_slice or forward_backward or bottom_and_right)" \
   --junitxml="$OUT_DIR/tests-conv.xml" >"$OUT_DIR/tests-conv.log" 2>&1 || status=1
 tail -5 "$OUT_DIR/tests-conv.log"
 timeout 60 "$PY" -m pytest tests/test_models.py -q --maxfail=3 -p no:cacheprovider \

@@ -50,15 +50,17 @@ def test_follows_legacy_flags(allowed):
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-@pytest.mark.skipif("triton" not in fastcnn.available_backends("cpu") and not torch.cuda.is_available(),
-                    reason="needs Triton")
-def test_triton_ops_run_after_the_new_settings(restored_precision):
+@pytest.mark.parametrize("device", [
+    pytest.param("cpu", marks=pytest.mark.skipif("triton" not in fastcnn.available_backends("cpu"),
+                                                  reason="needs Triton's interpreter")),
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")),
+])
+def test_triton_ops_run_after_the_new_settings(restored_precision, device):
     """The Triton conv and linear read the settings on every launch: with cuDNN conv
     and cuBLAS matmul set through the new API to different values (where the legacy
     getters raise), both still run and give torch's result."""
     torch.backends.cudnn.conv.fp32_precision = "ieee"
     torch.backends.cuda.matmul.fp32_precision = "tf32"
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     x, w = torch.randn(2, 3, 6, 6, device=device), torch.randn(4, 3, 3, 3, device=device)
     a, b = torch.randn(5, 16, device=device), torch.randn(7, 16, device=device)
     with fastcnn.use_backend("triton"):
