@@ -268,33 +268,46 @@ FASTCNN_ALWAYS_INLINE void avg_pool_backward_nchw_body(const T* grad_out, T* gra
 }
 FASTCNN_ISA_VARIANTS(avg_pool_backward_nchw_planes, avg_pool_backward_nchw_body)
 
+// Rows (n, ih) of grad_input, a position at a time along W: one division per row, not per
+// position (at LeNet's 16 channels the index math of each position cost more than its
+// channels). A position in one window (stride >= kernel) takes its gradient directly; in
+// several, their sum. Both start from 0 as PyTorch's sum does, so -0.0 comes out +0.0.
 template <class T>
 FASTCNN_ALWAYS_INLINE void avg_pool_backward_cl_body(const T* grad_out, T* grad_in, Pool2dGeometry g,
                                                      const int64_t* h_div, const int64_t* w_div,
                                                      const int64_t* h_first, const int64_t* h_last,
                                                      const int64_t* w_first, const int64_t* w_last,
-                                                     int64_t first_pos, int64_t last_pos) {
+                                                     int64_t first_row, int64_t last_row) {
   using F = acc_t<T>;
   std::vector<F> acc_buf(g.C);
   F* __restrict__ acc = acc_buf.data();
   const int64_t C = g.C;
-  for (int64_t pos = first_pos; pos < last_pos; ++pos) {
-    const int64_t n = pos / (g.H * g.W), hw = pos % (g.H * g.W);
-    const int64_t ih = hw / g.W, iw = hw % g.W;
-    for (int64_t c = 0; c < C; ++c) acc[c] = F(0);
-    for (int64_t oh = h_first[ih]; oh < h_last[ih]; ++oh) {
-      for (int64_t ow = w_first[iw]; ow < w_last[iw]; ++ow) {
-        const F divisor = F(h_div[oh] * w_div[ow]);
-        const T* __restrict__ go =
-            grad_out + n * g.out_stride[0] + oh * g.out_stride[2] + ow * g.out_stride[3];
-        for (int64_t c = 0; c < C; ++c) acc[c] += load(go, c) / divisor;
+  for (int64_t row = first_row; row < last_row; ++row) {
+    const int64_t n = row / g.H, ih = row % g.H;
+    const T* go_image = grad_out + n * g.out_stride[0];
+    T* __restrict__ gi = grad_in + n * g.in_stride[0] + ih * g.in_stride[2];
+    const int64_t oh0 = h_first[ih], oh1 = h_last[ih];
+    for (int64_t iw = 0; iw < g.W; ++iw, gi += g.in_stride[3]) {
+      const int64_t ow0 = w_first[iw], ow1 = w_last[iw];
+      if (oh1 - oh0 == 1 && ow1 - ow0 == 1) {
+        const F divisor = F(h_div[oh0] * w_div[ow0]);
+        const T* __restrict__ go = go_image + oh0 * g.out_stride[2] + ow0 * g.out_stride[3];
+        for (int64_t c = 0; c < C; ++c) store(gi, c, F(0) + load(go, c) / divisor);
+        continue;
       }
+      for (int64_t c = 0; c < C; ++c) acc[c] = F(0);
+      for (int64_t oh = oh0; oh < oh1; ++oh) {
+        for (int64_t ow = ow0; ow < ow1; ++ow) {
+          const F divisor = F(h_div[oh] * w_div[ow]);
+          const T* __restrict__ go = go_image + oh * g.out_stride[2] + ow * g.out_stride[3];
+          for (int64_t c = 0; c < C; ++c) acc[c] += load(go, c) / divisor;
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) store(gi, c, acc[c]);
     }
-    T* __restrict__ gi = grad_in + n * g.in_stride[0] + ih * g.in_stride[2] + iw * g.in_stride[3];
-    for (int64_t c = 0; c < C; ++c) store(gi, c, acc[c]);
   }
 }
-FASTCNN_ISA_VARIANTS(avg_pool_backward_cl_positions, avg_pool_backward_cl_body)
+FASTCNN_ISA_VARIANTS(avg_pool_backward_cl_rows, avg_pool_backward_cl_body)
 
 // channels_last when C is the unit-stride axis of both tensors (and there is
 // more than one channel); NCHW when W is; anything else is the caller's bug.
@@ -368,8 +381,8 @@ void avg_pool2d_backward(const void* grad_output, void* grad_input, const Pool2d
     const T* go = static_cast<const T*>(grad_output);
     T* gi = static_cast<T*>(grad_input);
     if (cl) {
-      parallel_for(g.N * g.H * g.W, grain_for(g.C * g.kH * g.kW), [&](int64_t begin, int64_t end) {
-        FASTCNN_ISA_CALL(avg_pool_backward_cl_positions, T, go, gi, g, hw.divisor.data(), ww.divisor.data(),
+      parallel_for(g.N * g.H, grain_for(g.W * g.C * g.kH * g.kW), [&](int64_t begin, int64_t end) {
+        FASTCNN_ISA_CALL(avg_pool_backward_cl_rows, T, go, gi, g, hw.divisor.data(), ww.divisor.data(),
                          hc.first.data(), hc.last.data(), wc.first.data(), wc.last.data(), begin, end);
       });
     } else {
