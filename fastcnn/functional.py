@@ -80,6 +80,25 @@ def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bo
     return out.squeeze(0) if unbatched else out
 
 
+def adaptive_avg_pool2d(input: Tensor, output_size) -> Tensor:
+    """As torch.nn.functional.adaptive_avg_pool2d: output size 1 (global average
+    pooling, which closes ResNet, NiN and Inception) runs fastcnn::global_avg_pool2d;
+    an input that already has the output size is returned as it is (AlexNet's and VGG's
+    pool at 224x224); other sizes run PyTorch's kernel."""
+    out_h, out_w = adaptive_pair(output_size)
+    in_h, in_w = input.shape[-2:]
+    if (out_h or in_h) == 1 and (out_w or in_w) == 1:
+        return global_avg_pool2d(input)
+    if (out_h or in_h) == in_h and (out_w or in_w) == in_w:
+        return input
+    return torch.nn.functional.adaptive_avg_pool2d(input, output_size)
+
+
+def adaptive_pair(size) -> tuple:
+    """torch.nn.AdaptiveAvgPool2d's output_size as (h, w); None keeps that input size."""
+    return (size, size) if size is None or isinstance(size, int) else tuple(size)
+
+
 @autocast.follows("fastcnn::global_avg_pool2d")
 def global_avg_pool2d(input: Tensor) -> Tensor:
     """Mean over H and W: torch.nn.functional.adaptive_avg_pool2d(input, 1)."""
@@ -177,3 +196,11 @@ def local_response_norm(input: Tensor, size: int, alpha: float = 1e-4, beta: flo
     x = input.unsqueeze(-1) if input.dim() == 3 else input.flatten(3) if input.dim() > 4 else input
     out = direct.call("fastcnn::local_response_norm", x, size, alpha, beta, k)
     return out.reshape(input.shape) if input.dim() != 4 else out
+
+
+# torch.fx.symbolic_trace records each function as one call (a leaf) instead of tracing into
+# its argument checks, which need real tensors: a model of fastcnn layers traces like one of
+# torch.nn layers.
+for _name in ("add_act", "bias_act", "max_pool2d", "avg_pool2d", "adaptive_avg_pool2d", "global_avg_pool2d", "conv2d",
+              "conv2d_relu", "linear", "local_response_norm"):
+    torch.fx.wrap(_name)

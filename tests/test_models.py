@@ -189,6 +189,22 @@ def test_jit_trace(case):
             assert torch.equal(traced(x), m(x))
 
 
+@pytest.mark.parametrize("case", ["lenet5", "resnet18", "vgg11_bn", "alexnet", "nin"])
+def test_fx_symbolic_trace(case):
+    """torch.fx.symbolic_trace, plain and fused: fastcnn.functional's functions are leaf
+    calls (their checks need real tensors), BatchNorm2dReLU skips its dimension check
+    on traced values. The GraphModule computes what the model does. (GoogLeNet does not
+    trace: its Inception modules read shapes and call an autograd Function.)"""
+    model, _, shape = model_pair(case, torch.float32)
+    model.eval()
+    x = torch.randn(2, *shape)
+    for m in (model, model.fuse()):
+        traced = torch.fx.symbolic_trace(m)
+        assert any(n.op == "call_function" and n.target.__module__ == "fastcnn.functional" for n in traced.graph.nodes)
+        with torch.no_grad():
+            assert torch.equal(traced(x), m(x))
+
+
 def test_torch_export_with_a_dynamic_batch():
     """torch.export of a fused model with the batch size left symbolic (the ops' fakes
     take symbolic shapes): the exported program matches the model at another batch."""

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import torch.nn.functional as torch_F
 from torch import Tensor, nn
 
 from fastcnn import functional as F
+from fastcnn.functional import adaptive_pair
 
 
 class AvgPool2d(nn.Module):
@@ -40,25 +40,15 @@ class AdaptiveAvgPool2d(nn.Module):
 
     def __init__(self, output_size):
         super().__init__()
-        sizes = _pair(output_size) if isinstance(output_size, (int, tuple, list)) or output_size is None else ()
+        sizes = adaptive_pair(output_size) if isinstance(output_size, (int, tuple, list)) or output_size is None else ()
         if len(sizes) != 2 or not all(v is None or (type(v) is int and v > 0) for v in sizes):
             raise ValueError(f"AdaptiveAvgPool2d: output_size must be a positive int or a pair of positive ints "
                              f"or None, got {output_size!r}")
         self.output_size = output_size
 
     def forward(self, input: Tensor) -> Tensor:
-        out_h, out_w = _pair(self.output_size)
-        in_h, in_w = input.shape[-2:]
-        if (out_h or in_h) == 1 and (out_w or in_w) == 1:
-            return F.global_avg_pool2d(input)
-        if (out_h or in_h) == in_h and (out_w or in_w) == in_w:
-            return input
-        return torch_F.adaptive_avg_pool2d(input, self.output_size)
+        return F.adaptive_avg_pool2d(input, self.output_size)
 
     def extra_repr(self) -> str:
         return f"output_size={self.output_size}"
 
-
-def _pair(size) -> tuple:
-    """torch.nn.AdaptiveAvgPool2d's output_size as (h, w); None keeps that input size."""
-    return (size, size) if size is None or isinstance(size, int) else tuple(size)
