@@ -37,6 +37,9 @@ def parse_args(argv):
     bench.add_argument("--no-compile", action="store_true",
                        help="networks: do not time torch.compile (by default it is timed for inference, and for "
                             "training on a GPU; --compile adds training on a CPU)")
+    bench.add_argument("--autocast", action="store_true",
+                       help="networks: float32 weights and inputs, each call under torch.autocast in --dtype "
+                            "(default then float16 on a GPU, bfloat16 on the CPU): mixed precision")
     bench.add_argument("--plot", default=None, help="networks: write a bar chart of the speedups here (PNG)")
     bench.add_argument("--backward", action="store_true", help="with --layers: time forward + backward")
     bench.add_argument("--nchw", action="store_true", help="with --layers: NCHW instead of channels_last")
@@ -71,7 +74,8 @@ def main(argv=None) -> int:
         from rich.console import Console
 
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        dtype = DTYPES[args.dtype] if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
+        default = torch.float16 if device.type == "cuda" else torch.bfloat16 if args.autocast else torch.float32
+        dtype = DTYPES[args.dtype] if args.dtype else default
         console = Console() if sys.stdout.isatty() else Console(width=160)
         if args.layers or args.kernels or args.ops:
             return bench_ops(args, device, dtype, console)
@@ -98,7 +102,8 @@ def bench_networks(args, device, dtype, console) -> int:
                   f"{', '.join(backends)}; dtype {dtype}")
     rows = networks.run(device, dtype, nets=args.nets, batches=args.batch,
                         modes=[args.mode] if args.mode else None, backends=backends,
-                        with_compile=False if args.no_compile else (True if args.compile else None), console=console)
+                        with_compile=False if args.no_compile else (True if args.compile else None),
+                        autocast=args.autocast, console=console)
     console.print(networks.table(rows, f"images per second: fastcnn vs eager PyTorch and torch.compile, {dtype}"))
     for line in networks.summary_lines(rows):
         console.print(line, markup=False)

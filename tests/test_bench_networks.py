@@ -30,6 +30,21 @@ def test_contenders_agree(mode):
         assert torch.equal(networks.first_result(networks.contender(w, "fastcnn")), first)
 
 
+@pytest.mark.parametrize("mode", networks.MODES)
+def test_autocast_contenders(mode):
+    """--autocast: float32 weights and input, each call under torch.autocast; the
+    contenders compute in bfloat16 (their logits come out bfloat16) and agree."""
+    w = networks.workload("lenet5", mode, 4, torch.bfloat16, CPU, autocast=True)
+    assert w.x.dtype == torch.float32 and w.autocast_dtype == torch.bfloat16
+    expected = networks.first_result(networks.contender(w, "eager", channels_last=False))
+    got = networks.first_result(networks.contender(w, "fastcnn"))
+    if mode == "infer":
+        assert expected.dtype == got.dtype == torch.bfloat16
+    assert networks.close(got, expected, torch.bfloat16)
+    row = networks.run_network("lenet5", mode, 2, torch.bfloat16, CPU, "cpu", with_compile=False, autocast=True)
+    assert row.dtype == "bfloat16 autocast" and row.matches_eager
+
+
 def test_close_detects_a_wrong_result():
     logits = torch.randn(4, 10)
     assert networks.close(logits + 1e-6, logits, torch.float32)
@@ -80,6 +95,7 @@ def test_cli_network_arguments():
                            "--backend", "cpu", "--dtype", "float32", "--plot", "s.png", "--no-compile"])
     assert args.nets == ["resnet50"] and args.batch == [1, 8] and args.mode == "infer"
     assert args.backends == ["cpu"] and args.plot == "s.png" and args.no_compile and not args.kernels
+    assert not args.autocast and cli.parse_args(["bench", "--autocast"]).autocast
 
 
 def test_cli_runs_lenet5(tmp_path, capsys):

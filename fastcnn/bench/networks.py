@@ -5,10 +5,13 @@ faster) and torch.compile of it, for inference and for a training step.
 Inference: fastcnn's model fused (BatchNorm folded, model.fuse()) under
 torch.no_grad, against the eager network in eval mode. A training step: forward,
 cross-entropy against fixed labels, backward and an SGD step, all three the same
-way. Every contender gets the same weights."""
+way. Every contender gets the same weights. With `autocast`, weights and inputs
+stay float32 and each call runs under torch.autocast in the dtype asked for (mixed
+precision, as training is usually run); otherwise everything is in that dtype."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -82,9 +85,11 @@ class Workload:
     eager: nn.Module
     x: torch.Tensor
     labels: torch.Tensor
+    autocast_dtype: torch.dtype | None = None  # calls run under torch.autocast in this dtype
 
 
-def workload(net: str, mode: str, batch: int, dtype: torch.dtype, device: torch.device) -> Workload:
+def workload(net: str, mode: str, batch: int, dtype: torch.dtype, device: torch.device,
+             autocast: bool = False) -> Workload:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     classes = 10 if net == "lenet5" else NUM_CLASSES
@@ -93,12 +98,13 @@ def workload(net: str, mode: str, batch: int, dtype: torch.dtype, device: torch.
     eager = getattr(reference, net)(num_classes=classes)
     eager.load_state_dict(model.state_dict(), strict=True)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, *input_shape(net), generator=gen).to(device, dtype)
+    storage_dtype = torch.float32 if autocast else dtype
+    x = torch.randn(batch, *input_shape(net), generator=gen).to(device, storage_dtype)
     labels = torch.randint(0, classes, (batch,), generator=gen).to(device)
-    model, eager = model.to(device, dtype), eager.to(device, dtype)
+    model, eager = model.to(device, storage_dtype), eager.to(device, storage_dtype)
     model.train(mode == "train")
     eager.train(mode == "train")
-    return Workload(net, mode, model, eager, x, labels)
+    return Workload(net, mode, model, eager, x, labels, dtype if autocast else None)
 
 
 def contender(w: Workload, name: str, channels_last: bool = True):
@@ -118,9 +124,11 @@ def contender(w: Workload, name: str, channels_last: bool = True):
         module, x = module.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     if name == "compile":
         module = torch.compile(module)
+    precision = (torch.autocast(x.device.type, dtype=w.autocast_dtype) if w.autocast_dtype is not None
+                 else contextlib.nullcontext())
     if w.mode == "infer":
         def infer():
-            with torch.no_grad():
+            with torch.no_grad(), precision:
                 return module(x)
         return infer
     opt = torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9)
@@ -128,7 +136,8 @@ def contender(w: Workload, name: str, channels_last: bool = True):
     def train_step():
         with torch.enable_grad():
             opt.zero_grad(set_to_none=True)
-            loss = _loss(module(x), w.labels)
+            with precision:  # the forward and the loss; the backward follows the forward's dtypes
+                loss = _loss(module(x), w.labels)
             loss.backward()
             opt.step()
         return loss.detach()
@@ -151,12 +160,12 @@ def first_result(fn):
 
 
 def run_network(net: str, mode: str, batch: int, dtype: torch.dtype, device: torch.device, backend: str,
-                with_compile: bool) -> NetRow:
+                with_compile: bool, autocast: bool = False) -> NetRow:
     """Times fastcnn, eager in both layouts and (with_compile) torch.compile in
     interleaved rounds (timing.time_ms_interleaved): about a second each, 5 to 200
     samples (a batch-1 LeNet-5 call takes ~0.2 ms on a CPU, a batch-8 VGG-16 call
     seconds; with 3, one slow spell of the machine could move a median by 2x)."""
-    w = workload(net, mode, batch, dtype, device)
+    w = workload(net, mode, batch, dtype, device, autocast)
     eager = {layout: contender(w, "eager", channels_last=layout == "channels_last")
              for layout in ("nchw", "channels_last")}
     expected = first_result(eager["nchw"])
@@ -172,7 +181,8 @@ def run_network(net: str, mode: str, batch: int, dtype: torch.dtype, device: tor
         got = first_result(fn)
         ms = time_ms_interleaved(contenders, device, min_repeats=5)
     eager_layout = min(eager, key=lambda layout: ms[f"eager-{layout}"])
-    return NetRow(net, mode, batch, str(dtype).removeprefix("torch."), backend, ms["fastcnn"],
+    dtype_text = str(dtype).removeprefix("torch.") + (" autocast" if autocast else "")
+    return NetRow(net, mode, batch, dtype_text, backend, ms["fastcnn"],
                   ms[f"eager-{eager_layout}"], eager_layout, ms.get("compile"), close(got, expected, dtype))
 
 
@@ -190,10 +200,11 @@ def geomean(values: list[float]) -> float:
 
 def run(device: torch.device, dtype: torch.dtype, *, nets: list[str] | None = None, batches: list[int] | None = None,
         modes: list[str] | None = None, backends: list[str], with_compile: bool | None = None,
-        console: Console | None = None) -> list[NetRow]:
+        autocast: bool = False, console: Console | None = None) -> list[NetRow]:
     """with_compile: time torch.compile too; None (the default) times it for inference
     everywhere and for training on a GPU only: compiling every network's forward and
-    backward graphs is slow on a CPU."""
+    backward graphs is slow on a CPU. autocast: float32 weights and inputs, calls
+    under torch.autocast in `dtype`."""
     console = console or Console()
     nets = nets or DEFAULT_NETS
     unknown = [n for n in nets if n not in models.list_models()]
@@ -208,7 +219,7 @@ def run(device: torch.device, dtype: torch.dtype, *, nets: list[str] | None = No
         for net, mode, batch, backend in jobs:
             progress.update(task, description=f"{net} {mode} batch {batch} [{backend}]")
             compile_this = with_compile if with_compile is not None else (mode == "infer" or device.type == "cuda")
-            rows.append(run_network(net, mode, batch, dtype, device, backend, compile_this))
+            rows.append(run_network(net, mode, batch, dtype, device, backend, compile_this, autocast))
             progress.advance(task)
     return rows
 
