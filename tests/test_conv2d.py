@@ -308,26 +308,29 @@ def test_cpu_weight_grad_output_strides(conv, dtype, out_layout):
     assert_close_normwise(grad_w.double(), reference, dtype=dtype, scale=reduction_scale(conv.n * conv.h * conv.w))
 
 
-@pytest.mark.parametrize("kernel, stride, padding", [((1, 1), 1, (0, 0, 1, 1)), ((1, 1), 2, (0, 0, 1, 2)),
-                                                      ((3, 3), 1, (0, 1, 2, 0))], ids=str)
-def test_padding_at_bottom_and_right(backend_device, kernel, stride, padding):
-    """The op schema's four-int padding (top, left, bottom, right), uneven: a 1x1 kernel
+@pytest.mark.parametrize("kernel, stride, padding, c, k", [
+    ((1, 1), 1, (0, 0, 1, 1), 16, 16), ((1, 1), 2, (0, 0, 1, 2), 16, 16), ((3, 3), 1, (0, 1, 2, 0), 16, 16),
+    ((2, 2), 1, (0, 0, 1, 1), 3, 32),  # "same" with an even kernel; the CPU's few-input-channel weight grad
+    ((1, 1), 1, (0, 0, 1, 1), 64, 16),  # the CPU's 1x1 weight grad with input channels as rows
+], ids=str)
+def test_padding_at_bottom_and_right(backend_device, kernel, stride, padding, c, k):
+    """The op schema's four-int padding (top, left, bottom, right), uneven: a kernel
     with no top or left padding still has taps outside the image in its last rows and
-    columns, so it must not take an unmasked straight-GEMM path."""
+    columns, so it must not take a path that reads the input unmasked in place."""
     _, device = backend_device
     top, left, bottom, right = padding
-    x = make_input((2, 16, 5, 6), torch.float32, device, "channels_last", requires_grad=True)
-    conv = Conv("uneven", 2, 16, 5, 6, 16, kernel)
+    x = make_input((2, c, 5, 6), torch.float32, device, "channels_last", requires_grad=True)
+    conv = Conv("uneven", 2, c, 5, 6, k, kernel)
     w = make_weight(conv, torch.float32, device, requires_grad=True)
     out = torch.ops.fastcnn.conv2d(x, w, None, None, [stride] * 2, list(padding), [1, 1], 1, None)
     x64, w64 = (t.detach().double().requires_grad_() for t in (x, w))
     ref = torch.nn.functional.conv2d(torch.nn.functional.pad(x64, (left, right, top, bottom)), w64, stride=stride)
     assert out.shape == ref.shape
-    assert_close(out, ref.float(), scale=reduction_scale(16 * kernel[0] * kernel[1]))
-    grad = make_input(out.shape, torch.float32, device)
+    assert_close(out, ref.float(), scale=reduction_scale(c * kernel[0] * kernel[1]))
+    grad = make_input(out.shape, torch.float32, device, "channels_last")
     out.backward(grad)
     ref.backward(grad.double())
-    assert_close(x.grad, x64.grad.float(), scale=reduction_scale(16 * kernel[0] * kernel[1]))
+    assert_close(x.grad, x64.grad.float(), scale=reduction_scale(k * kernel[0] * kernel[1]))
     assert_close(w.grad, w64.grad.float(), scale=reduction_scale(2 * out.shape[2] * out.shape[3]))
 
 

@@ -56,6 +56,7 @@ SCRIPT = textwrap.dedent("""
         conv((1, 9, 47, 45), (10, 9, 3, 3), layout, padding=1)  # weight grad in 2 pixel splits, rows reordered
         conv((2, 40, 17, 9), (16, 40, 1, 1), layout)  # 1x1 weight grad with the roles swapped
         conv((2, 20, 12, 12), (300, 20, 3, 3), layout, padding=1)  # weight grad: a task runs 3 row blocks
+        conv((2, 3, 9, 8), (16, 3, 2, 2), layout, padding="same")  # small taps, bottom/right padding only
     conv((2, 1, 32, 30), (6, 1, 5, 5))                        # by channel, rows wider than a block
     conv((2, 2, 8, 9), (4, 1, 3, 3), groups=2, padding=1)     # by channel, groups
     conv((1, 3, 9, 8), (12, 1, 3, 3), groups=3)

@@ -908,7 +908,7 @@ void weight_grad_small_taps(const float* grad, const int64_t* gs, const float* x
   // channels_last copy covering every window (rows and columns from -pad on).
   std::vector<float> padded;
   int64_t xc = xs[1];
-  if (g.pad_h == 0 && g.pad_w == 0) {
+  if (g.unpadded()) {
     q.x = x;
     q.xs0 = xs[0];
     q.xs2 = xs[2];
@@ -1622,7 +1622,7 @@ void conv2d_weight_grad(const void* grad, const int64_t* grad_stride, const void
     // eager, 256->32 0.77x -> 0.90x, 480->16 at 14x14 0.87x -> 1.15x; 24 channels lost
     // (1.13x -> 0.93x: a half-empty second panel), so whole panels only.
     constexpr int64_t kPanel = gemm::kNR<acc_t<T>>;
-    if (g.R == 1 && g.S == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0 &&
+    if (g.R == 1 && g.S == 1 && g.stride_h == 1 && g.stride_w == 1 && g.unpadded() &&
         Kg % kPanel == 0 && Kg <= 2 * kPanel && Cg >= 2 * Kg && grad_stride[1] == 1 && x_stride[1] == 1) {
       ConvWeightGradByInput<T> q{};
       bind_operands(q);

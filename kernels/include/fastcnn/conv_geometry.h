@@ -20,6 +20,12 @@ struct ConvGeometry {
 
   int64_t c_per_group() const { return C / groups; }
   int64_t k_per_group() const { return K / groups; }
+  // No padding on any side: every window lies inside the input. pad_h == pad_w == 0
+  // alone leaves out the bottom and right padding ("same" with an even kernel).
+  bool unpadded() const {
+    return pad_h == 0 && pad_w == 0 && (OH - 1) * stride_h + (R - 1) * dil_h < H &&
+           (OW - 1) * stride_w + (S - 1) * dil_w < W;
+  }
 };
 
 // Built from the flat list fastcnn/ops/conv_geometry.py sends, in field order.
