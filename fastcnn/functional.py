@@ -110,7 +110,7 @@ def global_avg_pool2d(input: Tensor) -> Tensor:
     return out.squeeze(0) if unbatched else out
 
 
-@autocast.follows("fastcnn::conv2d", "input", "weight", "bias", "residual")
+@autocast.follows("fastcnn::conv2d", "input", "weight", "bias", "residual", out="out")
 def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
            groups: int = 1, *, residual: Tensor | None = None, act: str | None = None, out: Tensor | None = None,
            channel_offset: int = 0, pack_weight: bool = False) -> Tensor:
@@ -184,7 +184,7 @@ def linear(input: Tensor, weight: Tensor, bias: Tensor | None = None, *, act: st
     return direct.call("fastcnn::linear", input, weight, bias, act)
 
 
-@autocast.follows("fastcnn::local_response_norm")
+@autocast.follows("fastcnn::local_response_norm", "input")
 def local_response_norm(input: Tensor, size: int, alpha: float = 1e-4, beta: float = 0.75, k: float = 1.0) -> Tensor:
     """As torch.nn.functional.local_response_norm: normalisation across channels (dim 1)
     of (N, C, *) input. 3-D (N, C, L) and 5-D or more run as (N, C, L, 1) and (N, C, D, rest)."""

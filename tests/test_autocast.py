@@ -1,7 +1,8 @@
 """fastcnn's ops under torch.autocast (fastcnn/ops/autocast.py): convolutions and FC
 layers compute in the autocast dtype, residual adds and bias adds in the widest input
-dtype, pooling and LRN in their input's dtype; through fastcnn.functional, through
-torch.ops.fastcnn, inside torch.nn models mixed with torch layers, and compiled."""
+dtype, pooling in its input's dtype, LRN in float32 (as torch's); through
+fastcnn.functional, through torch.ops.fastcnn, inside torch.nn models mixed with torch
+layers, and compiled."""
 
 import pytest
 import torch
@@ -43,7 +44,9 @@ def cases(device):
         "max_pool2d": (F.max_pool2d, {"input": x}, {"kernel_size": 3, "stride": 2}, "keep"),
         "avg_pool2d": (F.avg_pool2d, {"input": x}, {"kernel_size": 2}, "keep"),
         "global_avg_pool2d": (F.global_avg_pool2d, {"input": x}, {}, "keep"),
-        "local_response_norm": (F.local_response_norm, {"input": x}, {"size": 3}, "keep"),
+        "local_response_norm": (F.local_response_norm,
+                                {"input": randn(2, 6, 9, 9, device=device, dtype=torch.bfloat16)}, {"size": 3},
+                                "float32"),
     }
 
 
@@ -53,7 +56,7 @@ CASE_NAMES = list(cases("cpu"))
 def expected_dtype(policy, tensors, autocast_dtype):
     if policy == "lower":
         return autocast_dtype
-    if policy == "widest":
+    if policy in ("widest", "float32"):
         return torch.float32
     return tensors[0].dtype
 
@@ -99,21 +102,37 @@ def test_float64_is_not_lowered():
         assert torch.ops.fastcnn.conv2d(x, w, None, None, [1, 1], [0, 0], [1, 1], 1, None).dtype == torch.float64
 
 
-def test_channel_slice_output_is_written_not_cast():
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_channel_slice_output_is_written_not_cast(out_dtype):
     """conv2d_into writes into `out`: autocast must not hand the kernel a cast copy of
-    it (the result would be lost). An out in the autocast dtype is filled; one in
-    another dtype is refused by name."""
+    it (the result would be lost). The operands are cast to out's dtype instead, the
+    dtype its caller chose, through the op and through fastcnn.functional."""
     x, w = randn(2, 3, 6, 6, device="cpu"), randn(4, 3, 3, 3, device="cpu")
-    out = randn(2, 10, 4, 4, device="cpu", dtype=torch.bfloat16)
+    out = randn(2, 10, 4, 4, device="cpu", dtype=out_dtype)
     args = (x, w, None, None, [1, 1], [0, 0], [1, 1], 1, None)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         torch.ops.fastcnn.conv2d_into(out, 5, *args)
-        with pytest.raises(TypeError, match="out has dtype torch.float32"):
-            torch.ops.fastcnn.conv2d_into(out.float(), 5, *args)
         returned = F.conv2d(x, w, out=out, channel_offset=1)
-    expected = F.conv2d(x.bfloat16(), w.bfloat16())
+    expected = F.conv2d(x.to(out_dtype), w.to(out_dtype))
     assert torch.equal(out[:, 5:9], expected)
     assert torch.equal(out[:, 1:5], expected) and returned.data_ptr() == out[:, 1:5].data_ptr()
+
+
+def test_fused_inception_under_autocast():
+    """A fused Inception module allocates its output in the dtype its convolutions
+    compute in, so it runs under autocast whatever its input's dtype."""
+    from fastcnn.models.googlenet import Inception
+    block = Inception(16, 8, 4, 8, 4, 8, 8).eval()
+    expected_block = Inception(16, 8, 4, 8, 4, 8, 8).eval()
+    expected_block.load_state_dict(block.state_dict())
+    for module in block.modules():
+        if hasattr(module, "fuse_"):
+            module.fuse_()
+    x = randn(1, 16, 7, 7, device="cpu")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, expected = block(x), expected_block(x)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    assert_close_normwise(got, expected, scale=reduction_scale(16 * 9))
 
 
 def mixed_model(conv2d_relu, linear):

@@ -131,6 +131,21 @@ def test_gradcheck():
                 assert torch.autograd.gradgradcheck(lambda t: F.local_response_norm(t, 3, 0.8, 0.75, 1.5), (x,))
 
 
+def test_third_derivative_matches_torch():
+    """The double backward keeps its graph where a further derivative is taken: the
+    third derivative matches torch's LRN (detached, it would be constant there)."""
+    x = torch.randn(2, 5, 4, 3, dtype=torch.float64, requires_grad=True)
+
+    def third(fn):
+        g1, = torch.autograd.grad(fn(x).pow(2).sum(), x, create_graph=True)
+        g2, = torch.autograd.grad(g1.pow(2).sum(), x, create_graph=True)
+        return torch.autograd.grad(g2.pow(2).sum(), x)[0]
+
+    with fastcnn.use_backend("cpu"):
+        got = third(lambda t: F.local_response_norm(t, 3, 0.8, 0.75, 1.5))
+    assert_close(got, third(lambda t: TF.local_response_norm(t, 3, 0.8, 0.75, 1.5)))
+
+
 def test_same_bits_on_1_and_2_threads():
     assert_same_output_on_1_and_2_threads(
         "import torch, fastcnn; from fastcnn import functional as F\n"

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from fastcnn import nn as fnn
 from fastcnn.models.fusable import FusableModel, fold_conv_batch_norm
 from fastcnn.models.registry import load_weights, register_model
+from fastcnn.ops import autocast
 from fastcnn.ops.layout import memory_format_of
 
 
@@ -96,8 +97,9 @@ class Inception(nn.Module):
         if not all(isinstance(last.bn, nn.Identity) for last in lasts):  # BatchNorm, ReLU, then the slice
             return BranchesIntoSlices.apply(*(branch(x) for branch in branches))
         n, _, h, w = x.shape
-        out = torch.empty((n, self.out_channels, h, w), dtype=x.dtype, device=x.device,
-                          memory_format=memory_format_of(x))
+        # in the dtype the convolutions compute in (under autocast, its dtype): they write into it
+        out = torch.empty((n, self.out_channels, h, w), dtype=autocast.dtype_for("fastcnn::conv2d", x),
+                          device=x.device, memory_format=memory_format_of(x))
         offset = 0
         for branch, last in zip(branches, lasts):  # fused: each last convolution writes its slice itself
             y = x

@@ -11,8 +11,15 @@ it replaces:
 - WIDEST (add_act, bias_act): floating tensors are cast to the widest of their
   dtypes, as torch's `+` promotes them.
 - KEEP (pooling, LRN): the op runs in its input's dtype.
-The op body then runs with autocast off, so that the `torch` backend's
-composition of torch ops gives the dtype the other backends give.
+- FLOAT32 (LRN): floating tensors are cast to float32, as torch's LRN computes in
+  float32 under autocast (its avg_pool3d, and pow on CUDA, are on autocast's float32
+  lists), so its output is float32 too.
+An output written in place (conv2d's `out=`, conv2d_into's first argument) is never
+cast, and where one is given the operands are cast to its dtype instead: the caller
+chose the dtype (torch's autocast leaves out= calls alone, which for a fused layer
+would meet float32 weights with a lowered input). The op body then runs with
+autocast off, so that the `torch` backend's composition of torch ops gives the dtype
+the other backends give.
 
 The rule applies twice: on the dispatcher (torch.ops.fastcnn.*, torch.compile's
 tracing) through an Autocast kernel per device type, and in fastcnn.functional
@@ -31,16 +38,17 @@ import torch
 LOWER = "lower"
 WIDEST = "widest"
 KEEP = "keep"
+FLOAT32 = "float32"
 
 _AUTOCAST_KEYS = {"cpu": "AutocastCPU", "cuda": "AutocastCUDA"}  # the device types, and their dispatch keys
 _DEVICE_TYPES = tuple(_AUTOCAST_KEYS)
-_POLICIES: dict[str, tuple[str, tuple[int, ...]]] = {}  # op name -> (policy, argument positions left alone)
+_POLICIES: dict[str, str] = {}  # op name -> policy
 _LIBRARY = torch.library.Library("fastcnn", "IMPL")
 _any_enabled = torch._C._is_any_autocast_enabled
 
 
 def policy_of(op_name: str) -> str:
-    return _POLICIES[op_name][0]
+    return _POLICIES[op_name]
 
 
 def _device_type(tensors) -> str | None:
@@ -57,6 +65,8 @@ def _device_type(tensors) -> str | None:
 def _target_dtype(policy: str, device_type: str, tensors) -> torch.dtype | None:
     if policy == LOWER:
         return torch.get_autocast_dtype(device_type)
+    if policy == FLOAT32:
+        return torch.float32
     if policy == WIDEST:
         dtypes = [t.dtype for t in tensors if _castable(t, device_type)]
         return functools.reduce(torch.promote_types, dtypes) if dtypes else None
@@ -70,30 +80,45 @@ def _castable(t, device_type: str) -> bool:
 def _cast(t, dtype: torch.dtype | None, policy: str, device_type: str):
     if dtype is None or not _castable(t, device_type) or t.dtype == dtype:
         return t
-    if policy == LOWER and t.dtype == torch.float64:
+    if policy in (LOWER, FLOAT32) and t.dtype == torch.float64:
         return t
     return t.to(dtype)
 
 
-def cast_arguments(policy: str, device_type: str, args: Sequence, skip: Sequence[int] = ()) -> tuple:
-    """args with each floating tensor on device_type cast as `policy` says, except
-    those at the positions in `skip` (an output written in place)."""
-    dtype = _target_dtype(policy, device_type, [a for i, a in enumerate(args) if i not in skip])
-    return tuple(a if i in skip else _cast(a, dtype, policy, device_type) for i, a in enumerate(args))
+def cast_arguments(policy: str, device_type: str, args: Sequence, out: int | None = None) -> tuple:
+    """args with each floating tensor on device_type cast as `policy` says; args[out]
+    (an output written in place), where given, is left as it is and sets the dtype."""
+    if out is not None and args[out] is not None:
+        dtype = args[out].dtype
+        return tuple(a if i == out or not _castable(a, device_type) or a.dtype == dtype else a.to(dtype)
+                     for i, a in enumerate(args))
+    dtype = _target_dtype(policy, device_type, args)
+    return tuple(_cast(a, dtype, policy, device_type) for a in args)
 
 
-def register(name: str, policy: str, *, skip: Sequence[int] = ()) -> None:
+def dtype_for(op_name: str, *tensors: torch.Tensor) -> torch.dtype:
+    """The dtype op `op_name` computes in for these tensors under the autocast state in
+    force (the first tensor's dtype where autocast is off or leaves them alone): for a
+    caller allocating the output it passes as out=."""
+    device_type = _device_type(tensors)
+    if device_type is not None:
+        cast = cast_arguments(policy_of(op_name), device_type, tensors)
+        return cast[0].dtype
+    return tensors[0].dtype
+
+
+def register(name: str, policy: str, *, out: int | None = None) -> None:
     """Op `name` ("fastcnn::...") follows `policy` under autocast on the dispatcher,
-    for CPU and CUDA tensors; the arguments at positions `skip` are never cast (an
-    output it writes into)."""
-    _POLICIES[name] = (policy, tuple(skip))
+    for CPU and CUDA tensors; the argument at position `out`, where given, is an output
+    written in place (see cast_arguments)."""
+    _POLICIES[name] = policy
     overload = getattr(torch.ops.fastcnn, name.split("::")[1]).default
     for device_type, key_name in _AUTOCAST_KEYS.items():
         key = getattr(torch._C.DispatchKey, key_name)
 
         def autocast_kernel(*args, _device_type=device_type, _key=key):
             with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)):
-                return overload(*cast_arguments(policy, _device_type, args, skip))
+                return overload(*cast_arguments(policy, _device_type, args, out))
 
         # The Python kernel serves tracing (torch.compile's Python dispatcher); the
         # library kernel serves eager calls.
@@ -104,13 +129,15 @@ def register(name: str, policy: str, *, skip: Sequence[int] = ()) -> None:
                       key_name, with_keyset=True)
 
 
-def follows(op_name: str, *tensor_params: str) -> Callable:
+def follows(op_name: str, *tensor_params: str, out: str | None = None) -> Callable:
     """Decorator for a fastcnn.functional function that calls op `op_name`: under
-    autocast, the tensors named `tensor_params` are cast as the op's policy says
-    and the function runs with autocast off. Outside autocast it costs one check."""
+    autocast, the tensors named `tensor_params` are cast as the op's policy says (to
+    the dtype of the output parameter `out` where one is passed) and the function
+    runs with autocast off. Outside autocast it costs one check."""
     def wrap(fn: Callable) -> Callable:
         names = list(inspect.signature(fn).parameters)
-        positions = [names.index(p) for p in tensor_params]
+        positions = [names.index(p) for p in (*tensor_params, *((out,) if out else ()))]
+        out_index = len(tensor_params) if out else None
 
         @functools.wraps(fn)
         def run(*args, **kwargs):
@@ -121,7 +148,7 @@ def follows(op_name: str, *tensor_params: str) -> Callable:
                 return fn(*args, **kwargs)
             args = list(args)
             tensors = [args[i] if i < len(args) else kwargs.get(names[i]) for i in positions]
-            tensors = cast_arguments(policy_of(op_name), device_type, tensors)
+            tensors = cast_arguments(policy_of(op_name), device_type, tensors, out_index)
             for i, t in zip(positions, tensors):
                 if i < len(args):
                     args[i] = t

@@ -630,7 +630,7 @@ def _weight_grad_backward(ctx, grad_grad_w):
 conv2d_input_grad.register_autograd(_input_grad_backward, setup_context=_setup_input_grad_context)
 conv2d_weight_grad.register_autograd(_weight_grad_backward, setup_context=_setup_weight_grad_context)
 autocast.register("fastcnn::conv2d", autocast.LOWER)
-autocast.register("fastcnn::conv2d_into", autocast.LOWER, skip=(0,))  # out keeps its dtype: it is written into
+autocast.register("fastcnn::conv2d_into", autocast.LOWER, out=0)  # out keeps its dtype, and sets the operands'
 direct.register_prepare("fastcnn::conv2d", _prepare_conv2d_op)
 
 

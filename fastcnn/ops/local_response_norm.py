@@ -191,18 +191,22 @@ def _setup_backward_context(ctx, inputs, output):
 
 def _backward_backward(ctx, grad_grad_input):
     """local_response_norm_backward's own gradients, from torch's LRN differentiated
-    twice (a double backward is rare; its formula is long). Second order only: the
-    results are not differentiable again."""
+    twice (a double backward is rare; its formula is long). Where a further derivative
+    will be taken (grad mode on here), the results keep their graph back to the
+    gradient and the input, so third and higher orders come out right too."""
     grad_output, input = ctx.saved_tensors
+    higher = torch.is_grad_enabled()
     with torch.enable_grad():
-        g, x = grad_output.detach().requires_grad_(), input.detach().requires_grad_()
+        # Local aliases to differentiate with respect to: the gradient may itself depend
+        # on the input through the outer graph, whose saved tensors are gone.
+        g, x = (t.view_as(t) if t.requires_grad else t.detach().requires_grad_() for t in (grad_output, input))
         (grad_x,) = torch.autograd.grad(torch_F.local_response_norm(x, *ctx.params), x, g, create_graph=True)
-        d_grad_output, d_input = torch.autograd.grad(grad_x, (g, x), grad_grad_input)
+        d_grad_output, d_input = torch.autograd.grad(grad_x, (g, x), grad_grad_input, create_graph=higher)
     return d_grad_output, d_input, None, None, None, None
 
 
 local_response_norm_backward.register_autograd(_backward_backward, setup_context=_setup_backward_context)
-autocast.register("fastcnn::local_response_norm", autocast.KEEP)
+autocast.register("fastcnn::local_response_norm", autocast.FLOAT32)
 
 
 # --- Triton twins that torch.compile traces into (see triton_route.py)
