@@ -10,7 +10,7 @@ it replaces:
   linear; float64 tensors are left as they are, as torch's autocast leaves them.
 - WIDEST (add_act, bias_act): floating tensors are cast to the widest of their
   dtypes, as torch's `+` promotes them.
-- KEEP (pooling, LRN): the op runs in its input's dtype.
+- KEEP (pooling): the op runs in its input's dtype.
 - FLOAT32 (LRN): floating tensors are cast to float32, as torch's LRN computes in
   float32 under autocast (its avg_pool3d, and pow on CUDA, are on autocast's float32
   lists), so its output is float32 too.
