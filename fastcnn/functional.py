@@ -110,7 +110,8 @@ def global_avg_pool2d(input: Tensor) -> Tensor:
     return out.squeeze(0) if unbatched else out
 
 
-@autocast.follows("fastcnn::conv2d", "input", "weight", "bias", "residual", out="out")
+@autocast.follows("fastcnn::conv2d", "input", "weight", "bias", "residual", out="out", reuse=("weight", "bias"),
+                   reuse_when="pack_weight")
 def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, padding=0, dilation=1,
            groups: int = 1, *, residual: Tensor | None = None, act: str | None = None, out: Tensor | None = None,
            channel_offset: int = 0, pack_weight: bool = False) -> Tensor:

@@ -183,3 +183,29 @@ def test_compile_fullgraph_under_autocast():
         out, expected = compiled(x, w, b, fc_w), block(x, w, b, fc_w)
     assert out.dtype == expected.dtype == torch.bfloat16
     assert torch.equal(out, expected)
+
+
+def test_packed_weights_keep_their_cast():
+    """A fused model's convolutions (pack_weight) keep a weight's cast copy between
+    calls, so its packed copy is not made again each call; an in-place change of the
+    weight makes a new copy, and a call that records a gradient casts afresh."""
+    from fastcnn.ops import autocast as fastcnn_autocast
+    x, w, b = randn(1, 8, 9, 9, device="cpu"), randn(16, 8, 3, 3, device="cpu"), randn(16, device="cpu")
+    original = w.clone()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        results = [F.conv2d(x, w, b, padding=1, act="relu", pack_weight=True) for _ in range(2)]
+        kept = fastcnn_autocast._KEPT_CASTS[id(w)][2]
+        results.append(F.conv2d(x, w, b, padding=1, act="relu", pack_weight=True))
+        assert fastcnn_autocast._KEPT_CASTS[id(w)][2] is kept  # the same copy, so the same packed weight
+        w.mul_(-1)  # a new version: a new copy
+        changed = F.conv2d(x, w, b, padding=1, act="relu", pack_weight=True)
+
+    def by_hand(weight):
+        return F.conv2d(x.bfloat16(), weight.bfloat16(), b.bfloat16(), padding=1, act="relu")
+
+    assert all(torch.equal(r, by_hand(original)) for r in results)
+    assert torch.equal(changed, by_hand(w))
+    weight = w.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        F.conv2d(x, weight, b, padding=1, pack_weight=True).float().sum().backward()
+    assert id(weight) not in fastcnn_autocast._KEPT_CASTS and weight.grad is not None
