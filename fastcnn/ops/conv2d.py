@@ -546,6 +546,14 @@ def _(grad, input, weight_size, stride, padding, dilation, groups, channels_last
 
 # --- autograd
 
+def _channels_last_weight(weight: Tensor) -> bool:
+    """Whether the weight gradient comes back channels_last (conv2d_weight_grad's flag):
+    in a channels_last weight's layout, AccumulateGrad would copy a contiguous gradient
+    into it (17 kxk weights in a ResNet-50 step), and the CPU kernel writes that layout
+    without reordering its rows."""
+    return not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
+
+
 def _setup_context(ctx, inputs, output):
     input, weight, bias, residual, stride, padding, dilation, groups, act = inputs
     ctx.conv = (list(stride), list(padding), list(dilation), groups)
@@ -554,10 +562,7 @@ def _setup_context(ctx, inputs, output):
     ctx.has_residual = residual is not None
     ctx.input_shape = list(input.shape)
     ctx.weight_shape = list(weight.shape)
-    # The weight gradient in a channels_last weight's layout: AccumulateGrad would copy a
-    # contiguous one into it (17 kxk weights in a ResNet-50 step), and the CPU kernel
-    # writes that layout without reordering its rows.
-    ctx.weight_channels_last = not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
+    ctx.weight_channels_last = _channels_last_weight(weight)
     # The activation's gradient is taken from the output; without one it is not needed.
     ctx.save_for_backward(input, weight, output if act is not None else None)
 
@@ -595,7 +600,7 @@ def _setup_input_grad_context(ctx, inputs, output):
     grad, weight, input_size, *conv = inputs
     ctx.conv = conv
     ctx.weight_shape = list(weight.shape)
-    ctx.weight_channels_last = not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
+    ctx.weight_channels_last = _channels_last_weight(weight)
     ctx.save_for_backward(grad, weight)
 
 
