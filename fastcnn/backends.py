@@ -31,9 +31,9 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache  # resolve() runs on every op call; the answer cannot change in a process
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+# Looked up once at import (resolve() runs on every op call, and the answer cannot change
+# in a process); a constant, so that torch.compile does not trace into importlib.
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def why_unavailable(backend: str, device_type: str) -> str | None:
@@ -41,7 +41,7 @@ def why_unavailable(backend: str, device_type: str) -> str | None:
     if backend == "torch":
         return None
     if backend == "triton":
-        if not _triton_installed():
+        if not _TRITON_INSTALLED:
             return "the triton package is not installed"
         if device_type == "cuda" or (device_type == "cpu" and triton_interpreting()):
             return None

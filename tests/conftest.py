@@ -49,6 +49,11 @@ def assert_close_normwise(actual, expected, *, dtype=None, scale=1.0):
     assert error <= bound, f"max error {error:.3g} exceeds {bound:.3g} (rtol {rtol} x scale {scale:.3g} x max|expected|)"
 
 
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max|actual - expected| / max|expected|, with expected the exact (float64) answer."""
+    return (actual.double() - expected).abs().max().item() / expected.abs().max().item()
+
+
 def reduction_scale(terms: int) -> float:
     """Tolerance multiplier (assert_close's `scale`) for values that each sum `terms`
     products, as a convolution or matrix product does: the relative rounding error of a

@@ -10,7 +10,8 @@ import torch
 import fastcnn
 import fastcnn.nn as fnn
 from fastcnn import functional as F
-from conftest import BACKEND_DEVICES, BACKEND_IDS, assert_close_normwise, reduction_scale
+from conftest import (BACKEND_DEVICES, BACKEND_IDS, TOLERANCES, assert_close_normwise, reduction_scale,
+                      relative_error)
 
 
 def autocast_dtypes(device):
@@ -137,8 +138,10 @@ def test_fused_inception_under_autocast():
 
 def mixed_model(conv2d_relu, linear):
     """A torch convolution, then fastcnn's (or torch's) layers: autocast hands the
-    second layer a bfloat16 input with float32 weights."""
-    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), conv2d_relu(8, 16, 3, padding=1), torch.nn.MaxPool2d(2),
+    second layer a bfloat16 input with float32 weights. Average pooling: a max pool's
+    gradient follows whichever near-tie its rounding picks, which says nothing of
+    either model's accuracy."""
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), conv2d_relu(8, 16, 3, padding=1), torch.nn.AvgPool2d(2),
                                torch.nn.Flatten(), linear(16 * 5 * 5, 10))
 
 
@@ -148,25 +151,35 @@ def torch_conv2d_relu(*args, **kwargs):
 
 @pytest.mark.parametrize("backend, device, autocast_dtype", BACKEND_AUTOCAST)
 def test_mixed_model_trains_like_torch(backend, device, autocast_dtype):
-    """A model of torch and fastcnn layers trained under autocast: same outputs and
-    gradients as the same model of torch layers, to the autocast dtype's rounding."""
+    """A model of torch and fastcnn layers trained under autocast computes in the autocast
+    dtype like the same model of torch layers and lands as close to the float64 answer:
+    output and gradients within twice torch's own autocast error, or the dtype's
+    rounding where that is larger (cuDNN's half-precision gradients on an H100 are
+    several roundings off)."""
     torch.manual_seed(0)
     ours = mixed_model(fnn.Conv2dReLU, fnn.Linear).to(device)
     ref = mixed_model(torch_conv2d_relu, torch.nn.Linear).to(device)
     ref.load_state_dict({k.replace("1.weight", "1.0.weight").replace("1.bias", "1.0.bias"): v
                          for k, v in ours.state_dict().items()})
+    exact = mixed_model(torch_conv2d_relu, torch.nn.Linear).to(device, torch.float64)
+    exact.load_state_dict(ref.state_dict())
     x = randn(4, 3, 12, 12, device=device)
     with fastcnn.use_backend(backend):
         with torch.autocast(device, dtype=autocast_dtype):
             out, expected = ours(x), ref(x)
+        exact_out = exact(x.double())
         assert out.dtype == expected.dtype == autocast_dtype
-        assert_close_normwise(out, expected, scale=reduction_scale(8 * 9))
+        floor = TOLERANCES[autocast_dtype][0]
+        assert relative_error(out, exact_out) <= max(2 * relative_error(expected, exact_out),
+                                                     floor * reduction_scale(8 * 9))
         grad = randn(*out.shape, device=device, dtype=autocast_dtype)
         out.backward(grad)
         expected.backward(grad)
-    for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+        exact_out.backward(grad.double())
+    for (name, p), q, e in zip(ours.named_parameters(), ref.parameters(), exact.parameters()):
         assert p.grad.dtype == torch.float32, name
-        assert_close_normwise(p.grad, q.grad, dtype=autocast_dtype, scale=reduction_scale(4 * 12 * 12))
+        bound = max(2 * relative_error(q.grad, e.grad), floor * reduction_scale(4 * 12 * 12))
+        assert relative_error(p.grad, e.grad) <= bound, name
 
 
 def test_compile_fullgraph_under_autocast():

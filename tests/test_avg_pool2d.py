@@ -40,8 +40,11 @@ def reference(x, kernel, stride, padding, ceil_mode, count_include_pad):
 
 
 def reference_grad(x, grad, kernel, stride, padding, ceil_mode, count_include_pad):
-    wide = (x.double() if x.dtype == torch.float64 else x.float()).detach().requires_grad_()
-    TF.avg_pool2d(wide, kernel, stride, padding, ceil_mode, count_include_pad).backward(grad.to(wide.dtype))
+    """torch's gradient, from NCHW copies: on CUDA, torch's kernel for channels_last
+    gradients is wrong when padding > 0 (pytorch/pytorch#188344, torch 2.11)."""
+    wide = (x.double() if x.dtype == torch.float64 else x.float()).contiguous().detach().requires_grad_()
+    TF.avg_pool2d(wide, kernel, stride, padding, ceil_mode, count_include_pad).backward(
+        grad.to(wide.dtype).contiguous())
     return wide.grad.to(x.dtype)
 
 

@@ -67,7 +67,7 @@ def test_unbatched_and_higher_dims(backend_device):
     for shape in [(2, 5, 7), (2, 5, 3, 2, 4)]:
         x = make_input(shape, torch.float32, device, requires_grad=True)
         out = F.local_response_norm(x, 3, 0.5, 0.75, 1.0)
-        expected, expected_grad = reference(x, torch.ones(shape), 3, 0.5, 0.75, 1.0)
+        expected, expected_grad = reference(x, torch.ones(shape, device=device), 3, 0.5, 0.75, 1.0)
         assert out.shape == x.shape
         assert_close(out, expected)
         out.sum().backward()
@@ -117,7 +117,7 @@ def test_expanded_gradient(backend_device):
     _, device = backend_device
     x = make_input((2, 6, 3, 3), torch.float32, device, "channels_last", requires_grad=True)
     F.local_response_norm(x, 5, 0.5, 0.75, 2.0).sum().backward()
-    _, expected_grad = reference(x, torch.ones(2, 6, 3, 3), 5, 0.5, 0.75, 2.0)
+    _, expected_grad = reference(x, torch.ones(2, 6, 3, 3, device=device), 5, 0.5, 0.75, 2.0)
     assert_close(x.grad, expected_grad)
 
 

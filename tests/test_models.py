@@ -14,7 +14,7 @@ import fastcnn
 import fastcnn.models as models
 from fastcnn.models import reference as reference_models
 from conftest import (TOLERANCES, assert_close, assert_close_normwise, backend_devices, dispatched_ops,
-                      randomize_batch_norm, reduction_scale)
+                      randomize_batch_norm, reduction_scale, relative_error)
 
 pytestmark = pytest.mark.usefixtures("exact_float32")
 
@@ -384,10 +384,6 @@ def test_googlenet_branches_into_slices_matches_cat_and_hands_back_views():
         assert torch.equal(g, grad[:, offset:offset + b.shape[1]])
         assert g.untyped_storage().data_ptr() == grad.untyped_storage().data_ptr() and g.stride() == grad.stride()
         offset += b.shape[1]
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return (actual.double() - expected).abs().max().item() / expected.abs().max().item()
 
 
 @pytest.mark.parametrize("case, mode", [("lenet5", "train"), ("resnet18", "eval"),

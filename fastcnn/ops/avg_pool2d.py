@@ -100,7 +100,12 @@ def _(input, kernel_size, stride, padding, ceil_mode, count_include_pad):
 # --- backward: grad_input in input's layout; input gives only its shape and layout
 
 def _torch_avg_pool2d_backward(grad, grad_in, p, count_include_pad):
-    grad_in.copy_(torch.ops.aten.avg_pool2d_backward(grad, grad_in, p.kernel, p.stride, p.padding, p.ceil_mode,
+    like = grad_in
+    if grad.is_cuda and any(p.padding):
+        # NCHW operands: torch's CUDA kernel for channels_last leaves the padding out of
+        # its window arithmetic and returns wrong gradients (pytorch/pytorch#188344).
+        grad, like = grad.contiguous(), grad_in.new_empty(grad_in.shape)
+    grad_in.copy_(torch.ops.aten.avg_pool2d_backward(grad, like, p.kernel, p.stride, p.padding, p.ceil_mode,
                                                      count_include_pad, None))
 
 

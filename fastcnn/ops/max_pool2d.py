@@ -58,6 +58,11 @@ def _torch_max_pool2d(input, out, indices, p):
     if indices is None:
         out.copy_(torch.nn.functional.max_pool2d(input, *window, ceil_mode=p.ceil_mode))
         return
+    if input.is_cuda:
+        # From an NCHW copy: torch's CUDA kernel for channels_last points a window of
+        # -inf at element 0, which can lie outside it; NCHW (and every CPU layout) points
+        # at the window's first element, as the other backends do.
+        input = input.contiguous()
     values, where = torch.nn.functional.max_pool2d(input, *window, ceil_mode=p.ceil_mode, return_indices=True)
     out.copy_(values)
     indices.copy_(where)
