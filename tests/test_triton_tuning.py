@@ -249,3 +249,14 @@ def test_tune_script_dry_run(tmp_path, capsys):
     assert written["gpu"] == "dry-run"
     assert written["configs"]["conv2d_forward"] == {k: list(v) for k, v in chosen["conv2d_forward"].items()}
     assert "REJECTED" not in capsys.readouterr().out
+
+
+def test_host_integer_helpers_match_triton():
+    """fastcnn.triton.common's cdiv and next_power_of_2 (plain Python, for launch grids) give
+    Triton's answers."""
+    import triton
+    from fastcnn.triton.common import cdiv, next_power_of_2
+    for a in [0, 1, 2, 7, 16, 17, 255, 256, 257, 10**6 + 3, 2**31 + 5]:
+        assert next_power_of_2(a) == triton.next_power_of_2(a), a
+        for b in [1, 2, 3, 16, 64, 127, 128]:
+            assert cdiv(a, b) == triton.cdiv(a, b), (a, b)

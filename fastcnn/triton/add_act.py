@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from fastcnn.triton.common import acc_dtype, act_code, act_grad_from_output, apply_act
+from fastcnn.triton.common import acc_dtype, act_code, act_grad_from_output, apply_act, cdiv
 
 BLOCK = 4096
 
@@ -36,11 +36,11 @@ def add_act_backward_kernel(grad_ptr, out_ptr, grad_in_ptr, n, ACT: tl.constexpr
 
 def add_act(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, act: str | None) -> None:
     n = out.numel()
-    wrap_triton(add_act_kernel)[(triton.cdiv(n, BLOCK),)](
+    wrap_triton(add_act_kernel)[(cdiv(n, BLOCK),)](
         a, b, out, n, ACT=act_code(act), ACC=acc_dtype(out.dtype), BLOCK=BLOCK)
 
 
 def add_act_backward(grad: torch.Tensor, out: torch.Tensor, grad_in: torch.Tensor, act: str | None) -> None:
     n = out.numel()
-    wrap_triton(add_act_backward_kernel)[(triton.cdiv(n, BLOCK),)](
+    wrap_triton(add_act_backward_kernel)[(cdiv(n, BLOCK),)](
         grad, out, grad_in, n, ACT=act_code(act), ACC=acc_dtype(out.dtype), BLOCK=BLOCK)

@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from fastcnn.triton.common import acc_dtype, act_code, act_grad_from_output, apply_act
+from fastcnn.triton.common import (acc_dtype, act_code, act_grad_from_output, apply_act, cdiv,
+                                   next_power_of_2)
 
 TILE = 4096  # elements per forward program
 SPLIT_ELEMS = 16384  # elements of one channel per backward program, at least
@@ -113,16 +114,16 @@ def _grid_2d(n: int, C: int, inner: int) -> tuple[int, int]:
 
 def bias_act(x: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, C: int, inner: int, act: str | None) -> None:
     rows, cols = _grid_2d(out.numel(), C, inner)
-    block_col = min(triton.next_power_of_2(cols), 1024)
+    block_col = min(next_power_of_2(cols), 1024)
     block_r = max(1, TILE // block_col)
-    col_blocks = triton.cdiv(cols, block_col)
-    wrap_triton(bias_act_kernel)[(triton.cdiv(rows, block_r) * col_blocks,)](
+    col_blocks = cdiv(cols, block_col)
+    wrap_triton(bias_act_kernel)[(cdiv(rows, block_r) * col_blocks,)](
         x, bias, out, rows, cols, C, col_blocks, ACT=act_code(act), ACC=acc_dtype(out.dtype),
         CHANNEL_FASTEST=inner == 1, BLOCK_R=block_r, BLOCK_COL=block_col)
 
 
 def _round_up(v: int, m: int) -> int:
-    return triton.cdiv(v, m) * m
+    return cdiv(v, m) * m
 
 
 def backward_plan(C: int, inner: int, outer: int) -> dict:
@@ -133,24 +134,24 @@ def backward_plan(C: int, inner: int, outer: int) -> dict:
         cols_per_split, col_splits = C, 1
         rows_per_split = ROWS_PER_SPLIT
     else:
-        block_col = min(triton.next_power_of_2(inner), 512)
+        block_col = min(next_power_of_2(inner), 512)
         block_r = max(1, 2048 // block_col)
         cols_per_split = min(_round_up(inner, block_col),
-                             _round_up(max(SPLIT_ELEMS, triton.cdiv(inner, MAX_SPLITS)), block_col))
-        col_splits = triton.cdiv(inner, cols_per_split)
+                             _round_up(max(SPLIT_ELEMS, cdiv(inner, MAX_SPLITS)), block_col))
+        col_splits = cdiv(inner, cols_per_split)
         rows_per_split = _round_up(max(1, SPLIT_ELEMS // cols_per_split), block_r)
     row_splits_cap = max(1, MAX_SPLITS // col_splits)
-    if triton.cdiv(outer, rows_per_split) > row_splits_cap:
-        rows_per_split = _round_up(triton.cdiv(outer, row_splits_cap), block_r)
+    if cdiv(outer, rows_per_split) > row_splits_cap:
+        rows_per_split = _round_up(cdiv(outer, row_splits_cap), block_r)
     return dict(block_col=block_col, block_r=block_r, rows_per_split=rows_per_split, cols_per_split=cols_per_split,
-                col_splits=col_splits, splits=triton.cdiv(outer, rows_per_split) * col_splits)
+                col_splits=col_splits, splits=cdiv(outer, rows_per_split) * col_splits)
 
 
 def bias_act_backward(grad: torch.Tensor, out: torch.Tensor, grad_x: torch.Tensor, grad_bias: torch.Tensor,
                       C: int, inner: int, act: str | None) -> None:
     outer = out.numel() // (C * inner)
     plan = backward_plan(C, inner, outer)
-    channel_programs = triton.cdiv(C, plan["block_col"]) if inner == 1 else C
+    channel_programs = cdiv(C, plan["block_col"]) if inner == 1 else C
     acc = acc_dtype(out.dtype)
     # Every element is written by stage one.
     partial = torch.empty((plan["splits"], C), dtype=torch.float64 if out.dtype == torch.float64 else torch.float32,
@@ -160,5 +161,5 @@ def bias_act_backward(grad: torch.Tensor, out: torch.Tensor, grad_x: torch.Tenso
         plan["col_splits"], ACT=act_code(act), ACC=acc, CHANNEL_FASTEST=inner == 1, BLOCK_R=plan["block_r"],
         BLOCK_COL=plan["block_col"])
     sum_block_c = 128
-    wrap_triton(sum_splits_kernel)[(triton.cdiv(C, sum_block_c),)](
+    wrap_triton(sum_splits_kernel)[(cdiv(C, sum_block_c),)](
         partial, grad_bias, C, plan["splits"], ACC=acc, BLOCK_C=sum_block_c)

@@ -26,7 +26,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from fastcnn.triton import tuning
-from fastcnn.triton.common import acc_dtype, act_code, apply_act
+from fastcnn.triton.common import acc_dtype, act_code, apply_act, cdiv
 
 MODE_GEMM, MODE_TAPS, MODE_FLAT = 0, 1, 2
 
@@ -65,9 +65,9 @@ def split_chunk(reduction: int, tiles: int, min_chunk: int) -> tuple[int, int]:
     of 64 x 64: about 256 programs in all, each summing at least `min_chunk` terms. The
     chunk is a multiple of 128 (the largest BLOCK_K), so every config sums the same terms
     in each split: the split depends on the shape alone, never on the config."""
-    splits = max(1, min(triton.cdiv(reduction, min_chunk), 256 // max(tiles, 1)))
-    chunk = triton.cdiv(triton.cdiv(reduction, splits), 128) * 128
-    return triton.cdiv(reduction, chunk), chunk
+    splits = max(1, min(cdiv(reduction, min_chunk), 256 // max(tiles, 1)))
+    chunk = cdiv(cdiv(reduction, splits), 128) * 128
+    return cdiv(reduction, chunk), chunk
 
 
 def _layout(t: torch.Tensor) -> str:
@@ -395,7 +395,7 @@ def reduce_splits(ws: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor
                   out_strides: tuple[int, int, int, int], act: int, acc) -> None:
     splits, rows, cols = ws.shape
     block_r, block_c = 32, 64
-    grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
+    grid = (cdiv(rows, block_r), cdiv(cols, block_c))
     wrap_triton(reduce_splits_kernel)[grid](
         ws, bias if bias is not None else ws, out, rows, cols, rows * cols, splits, ci, s, *out_strides,
         HAS_BIAS=bias is not None, ACT=act, ACC=acc, BLOCK_R=block_r, BLOCK_C=block_c)
@@ -442,7 +442,7 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
     rstride = residual.stride() if residual is not None else (0, 0, 0, 0)
 
     def launch(cfg: tuning.Config) -> None:
-        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(kg, cfg.block_n), 1, groups)
+        grid = (cdiv(m, cfg.block_m) * cdiv(kg, cfg.block_n), 1, groups)
         wrap_triton(conv2d_forward_kernel)[grid](
             x, weight, bias if bias is not None else out, res, out,
             nb, h, w, oh, ow, cg, kg, r, s, sh, sw, ph, pw, dh, dw,
@@ -472,10 +472,10 @@ def conv2d_input_grad(grad: torch.Tensor, weight: torch.Tensor, grad_x: torch.Te
     # Stride phases (see the kernel): the largest phase, phase (0, 0), sizes the grid.
     phases = (sh, sw) if mode == MODE_TAPS and groups * sh * sw < 65536 else (1, 1)
     steps = (phases[0] // math.gcd(phases[0], dh), phases[1] // math.gcd(phases[1], dw))
-    rows = nb * triton.cdiv(h, phases[0]) * triton.cdiv(w, phases[1])
+    rows = nb * cdiv(h, phases[0]) * cdiv(w, phases[1])
 
     def launch(cfg: tuning.Config) -> None:
-        grid = (triton.cdiv(rows, cfg.block_m), triton.cdiv(cg, cfg.block_n), groups * phases[0] * phases[1])
+        grid = (cdiv(rows, cfg.block_m), cdiv(cg, cfg.block_n), groups * phases[0] * phases[1])
         wrap_triton(conv2d_input_grad_kernel)[grid](
             grad, weight, grad_x,
             nb, h, w, oh, ow, cg, kg, r, s, sh, sw, ph, pw, dh, dw,
@@ -492,7 +492,7 @@ def conv2d_input_grad(grad: torch.Tensor, weight: torch.Tensor, grad_x: torch.Te
 def weight_grad_splits(geometry: list[int]) -> tuple[int, int]:
     """(splits, chunk) of the N*OH*OW reduction: from the shape alone."""
     nb, c, h, w, k, r, s, oh, ow, sh, sw, ph, pw, dh, dw, groups = _unpack(geometry)
-    tiles = groups * triton.cdiv(k // groups, 64) * triton.cdiv(r * s * (c // groups), 64)
+    tiles = groups * cdiv(k // groups, 64) * cdiv(r * s * (c // groups), 64)
     return split_chunk(nb * oh * ow, tiles, 1024)
 
 
@@ -514,7 +514,7 @@ def conv2d_weight_grad(grad: torch.Tensor, x: torch.Tensor, grad_w: torch.Tensor
     target = ws if ws is not None else grad_w
 
     def launch(cfg: tuning.Config) -> None:
-        grid = (triton.cdiv(kg, cfg.block_m), triton.cdiv(crs, cfg.block_n), groups * splits)
+        grid = (cdiv(kg, cfg.block_m), cdiv(crs, cfg.block_n), groups * splits)
         wrap_triton(conv2d_weight_grad_kernel)[grid](
             grad, x, target,
             nb, h, w, oh, ow, cg, kg, k, r, s, sh, sw, ph, pw, dh, dw, splits, chunk,

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from fastcnn.triton.common import acc_dtype
+from fastcnn.triton.common import acc_dtype, cdiv
 
 BLOCK = 1024
 
@@ -62,7 +62,7 @@ def flip_crop_offset(images: torch.Tensor, out: torch.Tensor, top: torch.Tensor,
     the accumulation dtype (float64 for float64 images, else float32)."""
     n, c, hi, wi = images.shape
     h, w = out.shape[-2:]
-    grid = (n * c, triton.cdiv(h * w, BLOCK))
+    grid = (n * c, cdiv(h * w, BLOCK))
     wrap_triton(flip_crop_offset_kernel)[grid](images, out, top, left, flip, offset, c, hi, wi, h, w, padding,
                                               *images.stride(), *out.stride(), ACC=acc_dtype(images.dtype),
                                               BF16_OUT=out.dtype == torch.bfloat16, BLOCK=BLOCK)

@@ -15,7 +15,7 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from fastcnn.triton import tuning
-from fastcnn.triton.common import acc_dtype, act_code, apply_act
+from fastcnn.triton.common import acc_dtype, act_code, apply_act, cdiv
 from fastcnn.triton.conv2d import DOT_TF32, dot_mode, mma, needs_int64, reduce_splits, split_chunk, swizzled_tile
 
 
@@ -60,7 +60,7 @@ def linear_kernel(a_ptr, b_ptr, bias_ptr, out_ptr, M, N, K, CHUNK,
 
 def linear_splits(m: int, n: int, k: int) -> tuple[int, int]:
     """(splits, chunk) of the K reduction: from the shape alone."""
-    return split_chunk(k, triton.cdiv(m, 64) * triton.cdiv(n, 64), 512)
+    return split_chunk(k, cdiv(m, 64) * cdiv(n, 64), 512)
 
 
 def linear(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, act: str | None,
@@ -78,7 +78,7 @@ def linear(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, out: tor
     target = ws if ws is not None else out
 
     def launch(cfg: tuning.Config) -> None:
-        grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), 1, splits)
+        grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n), 1, splits)
         wrap_triton(linear_kernel)[grid](
             a, b, bias if bias is not None else out, target, m, n, k, chunk,
             *a.stride(), *b.stride(), *out.stride(),

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from fastcnn.triton.common import acc_dtype
+from fastcnn.triton.common import acc_dtype, cdiv
 
 BLOCK = 1024
 
@@ -106,7 +106,7 @@ def _scalars(size: int, alpha: float, beta: float, k: float) -> tuple[float, ...
 def local_response_norm(x: torch.Tensor, out: torch.Tensor, cs: int, size: int, alpha: float, beta: float,
                         k: float) -> None:
     n, C = out.numel(), out.shape[1]
-    wrap_triton(lrn_forward_kernel)[(triton.cdiv(n, BLOCK),)](
+    wrap_triton(lrn_forward_kernel)[(cdiv(n, BLOCK),)](
         x, out, n, C, cs, *_offsets(C, size // 2, (size - 1) // 2), *_scalars(size, alpha, beta, k),
         ACC=acc_dtype(out.dtype), BETA_075=beta == 0.75, BLOCK=BLOCK)
 
@@ -118,7 +118,7 @@ def local_response_norm_backward(grad: torch.Tensor, x: torch.Tensor, grad_x: to
     terms = torch.empty_like(grad_x, dtype=acc)
     window = _offsets(C, size // 2, (size - 1) // 2)
     scalars = _scalars(size, alpha, beta, k)
-    grid = (triton.cdiv(n, BLOCK),)
+    grid = (cdiv(n, BLOCK),)
     common = dict(ACC=acc_dtype(grad_x.dtype), BETA_075=beta == 0.75, BLOCK=BLOCK)
     wrap_triton(lrn_backward_terms_kernel)[grid](grad, x, terms, n, C, cs, *window, *scalars, **common)
     wrap_triton(lrn_backward_kernel)[grid](

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.testing
 
+from fastcnn.triton.common import next_power_of_2
+
 TABLE_DIR = Path(__file__).with_name("tuned")
 
 
@@ -108,7 +110,7 @@ def default_config(dtype: torch.dtype, m: int, n: int, k: int, *, interpreting: 
     shrunk to the problem (its cost grows with tile area, not with useful work)."""
     if interpreting:
         def fit(size: int, lo: int, hi: int) -> int:
-            return max(lo, min(hi, triton.next_power_of_2(max(size, 1))))
+            return max(lo, min(hi, next_power_of_2(max(size, 1))))
         return Config(fit(m, 16, 256), fit(n, 16, 64), fit(k, 16, 64), 1, 4)
     if dtype == torch.float64:
         return _FP64_CONFIGS[0]
@@ -329,6 +331,7 @@ def choose(kernel: str, key: str, dtype: torch.dtype, device: torch.device, run:
     default = default_config(dtype, m, n, k, interpreting=tuner.interpreting, flat=flat)
     if tuner.interpreting:
         return tuner.choose(kernel, key, dtype, [], default, run, can_time=False, max_warps=max_warps)
-    configs = candidates(dtype, shared_memory=tuner.shared_memory, flat=flat, small_m=small_m)
-    return tuner.choose(kernel, key, dtype, configs, default, run, can_time=may_time(*tensors),
-                        max_warps=max_warps)
+    can_time = may_time(*tensors)
+    # The candidates only where they may be timed: this runs on every launch.
+    configs = candidates(dtype, shared_memory=tuner.shared_memory, flat=flat, small_m=small_m) if can_time else []
+    return tuner.choose(kernel, key, dtype, configs, default, run, can_time=can_time, max_warps=max_warps)
