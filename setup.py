@@ -5,7 +5,8 @@ the build needs only setuptools, pybind11 and a compiler, and one build serves
 every torch version.
 
 FASTCNN_CUDA=0 skips the CUDA module, FASTCNN_CUDA=1 makes a missing nvcc an error;
-unset, the module is built whenever nvcc is found.
+unset, the module is built whenever nvcc is found. FASTCNN_CPU=0 skips the CPU module
+(a quick build on a GPU machine that runs only the GPU backends).
 """
 
 import os
@@ -110,7 +111,7 @@ def extensions():
         depends=kernel_headers(),
         cxx_std=17,
     )
-    exts = [cpu]
+    exts = [] if os.environ.get("FASTCNN_CPU", "") == "0" else [cpu]
     nvcc = cuda_wanted()
     if nvcc is not None:
         cuda_home = cuda_home_of(nvcc)

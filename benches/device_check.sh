@@ -1,54 +1,99 @@
 #!/usr/bin/env bash
-# One run on a machine with an NVIDIA GPU: build fastcnn._cuda, run the GPU tests
-# and the quick benchmark, and leave results.json, results.md and logs in the
-# folder given as $1. That machine has no network and already has torch, Triton,
-# pybind11, pytest and pytest-benchmark, so nothing is downloaded.
-# Budget: under 9 minutes in total.
+# One run on a machine with an NVIDIA GPU: build fastcnn's CUDA module in place, run the
+# GPU tests, compute-sanitizer over the cuda backend, and the benchmarks; leave logs
+# (packed into logs.tgz) and results in the folder given as $1. That machine has no
+# network and already has torch, Triton, pybind11, pytest, pytest-xdist and
+# pytest-benchmark.
+#
+#   benches/device_check.sh OUT [SECONDS] [PHASES]
+#
+# SECONDS (default 450) is the whole run's budget: each phase gets at most its own
+# share and never more than what is left. PHASES (default "tests sanitize nets") picks
+# among:
+#   tests      pytest on CUDA (-k "$DEVICE_TESTS", default "cuda"), 12 processes
+#   sanitize   compute-sanitizer memcheck of the cuda backend ($DEVICE_SANITIZE dtypes)
+#   nets       the networks' inference, batch 256, float16, against eager
+#   compile    ResNet-50 inference against eager and torch.compile
+#   layers     every conv/FC layer of $DEVICE_LAYER_NETS (default all), float16, forward
+# $DEVICE_BACKENDS (default: every GPU backend) limits the benchmarks' backends.
+# The CPU module is not built (FASTCNN_CPU=0). CUDA objects compiled beforehand by the
+# same nvcc can be carried in build/temp.linux-x86_64-cpython-3XX/cuda: they are reused.
 set -uo pipefail
-OUT_DIR="${1:?usage: benches/device_check.sh OUTPUT_DIR}"
-mkdir -p "$OUT_DIR"
+OUT_DIR="${1:?usage: benches/device_check.sh OUTPUT_DIR [SECONDS] [PHASES]}"
+BUDGET="${2:-450}"
+PHASES="${3:-tests sanitize nets}"
+LOGS="$OUT_DIR/logs"
+mkdir -p "$LOGS"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
+# No run-time tuning: it would compile every candidate config for every new shape.
+export FASTCNN_TRITON_TUNE=0
+BACKEND_ARGS=()
+[[ -n "${DEVICE_BACKENDS:-}" ]] && BACKEND_ARGS=(--backends $DEVICE_BACKENDS)
+START=$SECONDS
 status=0
 
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT_DIR/gpu.txt"
+left() { echo $((BUDGET - (SECONDS - START))); }
+# budget SECONDS: the phase's limit, capped by what is left of the run.
+budget() { local l; l=$(left); (( l < $1 )) && echo $((l > 5 ? l - 5 : 1)) || echo "$1"; }
+phase() { echo "== $1 (t=$((SECONDS - START)) s)"; }
+wants() { [[ " $PHASES " == *" $1 "* ]]; }
+pack() { tar czf "$OUT_DIR/logs.tgz" -C "$LOGS" . 2>/dev/null && rm -rf "$LOGS"; }
+trap pack EXIT
 
-echo "== build (nvcc required)"
-if ! FASTCNN_CUDA=1 timeout 240 "$PY" -m pip install --no-build-isolation --no-deps -q -e . \
-    >"$OUT_DIR/build.log" 2>&1; then
-  tail -30 "$OUT_DIR/build.log"; echo "BUILD FAILED"; exit 1
+phase "machine"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader
+"$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
+
+phase "build fastcnn._cuda (nvcc required)"
+touch build/temp.*/cuda/*.o 2>/dev/null  # carried objects: newer than the sources again
+if ! FASTCNN_CPU=0 FASTCNN_CUDA=1 timeout "$(budget 150)" "$PY" setup.py -q build_ext --inplace -j "$(nproc)" \
+    >"$LOGS/build.log" 2>&1; then
+  tail -30 "$LOGS/build.log"; echo "BUILD FAILED"; exit 1
 fi
-"$PY" -c "import fastcnn, fastcnn._cuda as c; print('backends:', fastcnn.available_backends('cuda'), 'devices:', c.device_count())"
+"$PY" -c "import fastcnn, fastcnn._cuda as c; print('backends:', fastcnn.available_backends('cuda'), 'devices:', c.device_count())" || status=1
 
-echo "== GPU tests"
-# Only the tests that run on CUDA (the CPU ones ran in CI already). No run-time
-# tuning: it would compile every candidate config for every new shape. Two
-# budgets, so that the many Triton specialisations of the conv tests cannot
-# starve the rest: the memory-bound ops first, then a conv/GEMM subset (odd
-# geometries, dtypes, epilogues, each network kernel shape with few channels).
-export FASTCNN_TRITON_TUNE=0
-timeout 100 "$PY" -m pytest tests -q --maxfail=5 -k "cuda or compile" -p no:cacheprovider \
-  --ignore=tests/test_conv2d.py --ignore=tests/test_linear.py --ignore=tests/test_models.py \
-  --junitxml="$OUT_DIR/tests.xml" >"$OUT_DIR/tests.log" 2>&1 || status=1
-tail -5 "$OUT_DIR/tests.log"
-timeout 140 "$PY" -m pytest tests/test_conv2d.py tests/test_linear.py -q --maxfail=5 -p no:cacheprovider \
-  -k "cuda and (odd_geometries or dtypes or epilogues or small or channel_slice or forward_backward or bottom_and_right)" \
-  --junitxml="$OUT_DIR/tests-conv.xml" >"$OUT_DIR/tests-conv.log" 2>&1 || status=1
-tail -5 "$OUT_DIR/tests-conv.log"
-timeout 60 "$PY" -m pytest tests/test_models.py -q --maxfail=3 -p no:cacheprovider \
-  -k "cuda and (lenet5 or resnet18 or googlenet)" \
-  --junitxml="$OUT_DIR/tests-models.xml" >"$OUT_DIR/tests-models.log" 2>&1 || status=1
-tail -5 "$OUT_DIR/tests-models.log"
+if wants tests; then
+  phase "GPU tests: -k '${DEVICE_TESTS:-cuda}'"
+  # SIGINT at the limit, so that pytest still prints its summary of what ran.
+  timeout -s INT -k 20 "$(budget 150)" "$PY" -m pytest tests -q -n 12 -p no:cacheprovider \
+    -k "${DEVICE_TESTS:-cuda}" -rfE --tb=short --junitxml="$LOGS/tests.xml" >"$LOGS/tests.log" 2>&1 || status=1
+  grep -E "^(FAILED|ERROR)" "$LOGS/tests.log" | cut -c1-220 | head -40
+  tail -1 "$LOGS/tests.log"
+fi
 
-echo "== quick benchmark: ops, then the networks (inference, batch 256, float16)"
-timeout 60 "$PY" -m fastcnn bench --kernels --quick --json "$OUT_DIR/results.json" \
-  --markdown "$OUT_DIR/results.md" >"$OUT_DIR/bench.log" 2>&1 || status=1
-cat "$OUT_DIR/results.md" 2>/dev/null || tail -20 "$OUT_DIR/bench.log"
-timeout 80 "$PY" -m fastcnn bench --mode infer --no-compile --json "$OUT_DIR/networks.json" \
-  --markdown "$OUT_DIR/networks.md" >"$OUT_DIR/networks.log" 2>&1 || status=1
-cat "$OUT_DIR/networks.md" 2>/dev/null || tail -20 "$OUT_DIR/networks.log"
-# the issue's target: ResNet-50 against torch.compile too
-timeout 90 "$PY" -m fastcnn bench --nets resnet50 --mode infer --json "$OUT_DIR/resnet50-compile.json" \
-  --markdown "$OUT_DIR/resnet50-compile.md" >"$OUT_DIR/resnet50-compile.log" 2>&1 || status=1
-cat "$OUT_DIR/resnet50-compile.md" 2>/dev/null || tail -20 "$OUT_DIR/resnet50-compile.log"
+if wants sanitize; then
+  phase "compute-sanitizer memcheck of the cuda backend: ${DEVICE_SANITIZE:-float32 float16}"
+  timeout -k 10 "$(budget 60)" compute-sanitizer --tool memcheck --print-limit 20 \
+    "$PY" benches/gpu_sanitize.py ${DEVICE_SANITIZE:-float32 float16} >"$LOGS/sanitize.log" 2>&1 || status=1
+  grep -E "ERROR SUMMARY|Invalid|sanitize:" "$LOGS/sanitize.log" | head -60
+fi
+
+if wants nets; then
+  phase "the networks, inference, batch 256, float16: eager and fastcnn"
+  timeout -s INT -k 10 "$(budget 120)" "$PY" -m fastcnn bench --nets resnet50 lenet5 alexnet vgg16 resnet18 googlenet \
+    --mode infer --dtype float16 --no-compile "${BACKEND_ARGS[@]}" \
+    --json "$OUT_DIR/networks-infer.json" --markdown "$OUT_DIR/networks-infer.md" >"$LOGS/networks.log" 2>&1 || status=1
+  cat "$OUT_DIR/networks-infer.md" 2>/dev/null || tail -20 "$LOGS/networks.log"
+fi
+
+if wants compile; then
+  phase "ResNet-50 inference, batch 256, float16: eager, torch.compile, fastcnn"
+  timeout -s INT -k 10 "$(budget 120)" "$PY" -m fastcnn bench --nets resnet50 --mode infer --dtype float16 \
+    "${BACKEND_ARGS[@]}" --json "$OUT_DIR/resnet50-compile.json" --markdown "$OUT_DIR/resnet50-compile.md" \
+    >"$LOGS/resnet50-compile.log" 2>&1 || status=1
+  cat "$OUT_DIR/resnet50-compile.md" 2>/dev/null || tail -20 "$LOGS/resnet50-compile.log"
+fi
+
+if wants layers; then
+  phase "conv and FC layers of ${DEVICE_LAYER_NETS:-every network}, float16, channels_last, forward"
+  NET_ARGS=()
+  [[ -n "${DEVICE_LAYER_NETS:-}" ]] && NET_ARGS=(--nets $DEVICE_LAYER_NETS)
+  timeout -s INT -k 10 "$(budget 150)" "$PY" -m fastcnn bench --layers --dtype float16 "${NET_ARGS[@]}" \
+    "${BACKEND_ARGS[@]}" --json "$OUT_DIR/layers-fwd.json" --markdown "$OUT_DIR/layers-fwd.md" \
+    >"$LOGS/layers.log" 2>&1 || status=1
+  tail -25 "$OUT_DIR/layers-fwd.md" 2>/dev/null || tail -20 "$LOGS/layers.log"
+fi
+
+phase "done, status $status"
 exit $status
