@@ -12,6 +12,9 @@
 # among:
 #   tests      pytest on CUDA (-k "$DEVICE_TESTS", default "cuda"), 12 processes
 #   sanitize   compute-sanitizer memcheck of the cuda backend ($DEVICE_SANITIZE dtypes)
+#   tune       benches/tune_triton.py on $DEVICE_TUNE_NETS (default resnet50), float16,
+#              forward kernels, 6 candidates each: the table it writes (also copied to
+#              OUT) is what the later phases of the run use
 #   nets       the networks' inference, batch 256, float16, against eager
 #   compile    ResNet-50 inference against eager and torch.compile
 #   layers     every conv/FC layer of $DEVICE_LAYER_NETS (default all), float16, forward
@@ -67,6 +70,17 @@ if wants sanitize; then
   timeout -k 10 "$(budget 60)" compute-sanitizer --tool memcheck --print-limit 20 \
     "$PY" benches/gpu_sanitize.py ${DEVICE_SANITIZE:-float32 float16} >"$LOGS/sanitize.log" 2>&1 || status=1
   grep -E "ERROR SUMMARY|Invalid|sanitize:" "$LOGS/sanitize.log" | head -60
+fi
+
+if wants tune; then
+  phase "tune the Triton forward kernels of ${DEVICE_TUNE_NETS:-resnet50}, float16"
+  limit=$(budget 240)
+  # The script writes the table after every layer and starts none past its deadline.
+  FASTCNN_TRITON_TUNE=1 timeout -k 10 "$limit" "$PY" benches/tune_triton.py --nets ${DEVICE_TUNE_NETS:-resnet50} --dtypes float16 \
+    --kernels conv2d_forward linear --max-configs 6 --deadline $((limit > 90 ? limit - 60 : limit / 2)) \
+    >"$LOGS/tune.log" 2>&1 || status=1
+  tail -3 "$LOGS/tune.log"
+  cp fastcnn/triton/tuned/*.json "$OUT_DIR/" 2>/dev/null
 fi
 
 if wants nets; then

@@ -10,6 +10,7 @@ timed with triton.testing.do_bench; the fastest goes into the table.
 
     python benches/tune_triton.py                          # every layer, float16, batch 64
     python benches/tune_triton.py --nets resnet50 --dtypes float16 bfloat16 --batch 32
+    python benches/tune_triton.py --kernels conv2d_forward linear --max-configs 6 --deadline 240
     TRITON_INTERPRET=1 python benches/tune_triton.py --dry-run   # the logic, on the CPU
 
 --dry-run uses one tiny conv and one tiny GEMM, at most two configs each, times with
@@ -52,6 +53,7 @@ def fc_layer_tuples(nets) -> list[tuple[int, int]]:
     return [(l.in_features, l.out_features) for l in linear_layers(nets)]
 
 
+KERNELS = ("conv2d_forward", "conv2d_input_grad", "conv2d_weight_grad", "linear")
 DRY_CONV = [(3, 6, 5, 4, 3, 1, 1, 1)]
 DRY_FC = [(16, 8)]
 
@@ -107,6 +109,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=64, help="conv batch (the bench's GPU batch)")
     parser.add_argument("--fc-batch", type=int, default=8)
     parser.add_argument("--max-configs", type=int, default=None, help="time at most this many candidates")
+    parser.add_argument("--kernels", nargs="*", default=list(KERNELS), choices=list(KERNELS),
+                        help="tune only these kernels (default: all)")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="start no new layer after this many seconds; what was tuned is written")
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes, 2 configs, writes only --out")
     parser.add_argument("--out", type=Path, default=None, help="table to write (default: the committed one)")
     args = parser.parse_args(argv)
@@ -141,32 +147,48 @@ def main(argv: list[str] | None = None) -> dict:
     tuning.set_tuner(device, tuner)
     previous_tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    header = {"gpu": kind, "triton": tuning.triton.__version__, "torch": torch.__version__}
+    path = args.out if args.out is not None else (None if args.dry_run else tuning.TABLE_DIR / f"{kind}.json")
+
+    def save(chosen: dict) -> None:
+        # After every layer, so that a run stopped from outside keeps what it tuned.
+        if path is not None and chosen:
+            tuning.write_configs(path, chosen, header)
+
     try:
-        chosen = _tune(args, device, tuner, conv_shapes, fc_shapes, batch, fc_batch, checked)
+        chosen = _tune(args, device, tuner, conv_shapes, fc_shapes, batch, fc_batch, checked, save)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = previous_tf32
-    header = {"gpu": kind, "triton": tuning.triton.__version__, "torch": torch.__version__}
     if args.dry_run:
         print(tuning.format_json({k: {e: list(c) for e, c in v.items()} for k, v in chosen.items()}))
-    path = args.out if args.out is not None else (None if args.dry_run else tuning.TABLE_DIR / f"{kind}.json")
+    save(chosen)
     if path is not None:
-        tuning.write_configs(path, chosen, header)
         print(f"wrote {sum(len(v) for v in chosen.values())} configs to {path}")
     return chosen
 
 
-def _tune(args, device, tuner, conv_shapes, fc_shapes, batch, fc_batch, checked) -> dict:
+def _tune(args, device, tuner, conv_shapes, fc_shapes, batch, fc_batch, checked, save) -> dict:
     started = time.time()
     for dtype_name in args.dtypes:
         dtype = getattr(torch, dtype_name)
         work = [(layer, conv_tasks) for layer in conv_shapes] + [(layer, fc_tasks) for layer in fc_shapes]
+        if "linear" not in args.kernels:
+            work = [(layer, make) for layer, make in work if make is conv_tasks]
+        if not any(k.startswith("conv2d") for k in args.kernels):
+            work = [(layer, make) for layer, make in work if make is fc_tasks]
         for layer, make_tasks in work:
+            if args.deadline is not None and time.time() - started > args.deadline:
+                print(f"deadline of {args.deadline:.0f} s reached: the layers from {layer} on are not tuned")
+                break
             tasks = make_tasks(layer, batch if make_tasks is conv_tasks else fc_batch, dtype, device)
             for kernel, out, launch, ref in tasks:
+                if kernel not in args.kernels:
+                    continue
                 checked["current"] = (out, ref, dtype)
                 launch(None)  # the launcher asks the tuner, which times every candidate
                 print(f"{dtype_name} {layer} {kernel}: {time.time() - started:.0f} s", flush=True)
             del tasks
+            save(tuner.chosen())
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     for (kernel, config), why in tuner.failures.items():

@@ -232,23 +232,35 @@ def test_committed_tables_are_valid():
                     assert c.num_warps <= tuning.FLAT_MAX_WARPS
 
 
-def test_tune_script_dry_run(tmp_path, capsys):
+def run_tune_script(*args):
     spec = importlib.util.spec_from_file_location("tune_triton", ROOT / "benches" / "tune_triton.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
     device = torch.device("cpu")
     previous = tuning.tuner_for(device)
-    out = tmp_path / "table.json"
     try:
-        chosen = script.main(["--dry-run", "--dtypes", "float32", "--out", str(out)])
+        return script.main(["--dry-run", "--dtypes", "float32", *args])
     finally:
         tuning.set_tuner(device, previous)
+
+
+def test_tune_script_dry_run(tmp_path, capsys):
+    out = tmp_path / "table.json"
+    chosen = run_tune_script("--out", str(out))
     assert set(chosen) == {"conv2d_forward", "conv2d_input_grad", "conv2d_weight_grad", "linear"}
     assert len(chosen["linear"]) == 3  # forward and the two backward GEMMs
     written = json.loads(out.read_text())
     assert written["gpu"] == "dry-run"
     assert written["configs"]["conv2d_forward"] == {k: list(v) for k, v in chosen["conv2d_forward"].items()}
     assert "REJECTED" not in capsys.readouterr().out
+
+
+def test_tune_script_kernels_and_deadline(capsys):
+    """--kernels tunes only those kernels; past --deadline no new layer is started."""
+    assert set(run_tune_script("--kernels", "conv2d_forward")) == {"conv2d_forward"}
+    assert set(run_tune_script("--kernels", "linear", "conv2d_weight_grad")) == {"linear", "conv2d_weight_grad"}
+    assert run_tune_script("--deadline", "-1") == {}
+    assert "deadline of -1 s reached" in capsys.readouterr().out
 
 
 def test_host_integer_helpers_match_triton():
@@ -260,3 +272,36 @@ def test_host_integer_helpers_match_triton():
         assert next_power_of_2(a) == triton.next_power_of_2(a), a
         for b in [1, 2, 3, 16, 64, 127, 128]:
             assert cdiv(a, b) == triton.cdiv(a, b), (a, b)
+
+
+def test_other_batch_of_a_tuned_shape_uses_the_nearest_batch(tmp_path):
+    """The table is tuned at one batch: a key that differs only in its first field (the
+    batch) takes the entry nearest on a log scale, the larger on a tie, without timing;
+    another shape, dtype or kernel does not."""
+    a, b, c, big = Config(64, 64, 32, 2, 4), Config(128, 64, 32, 3, 4), Config(64, 128, 32, 3, 4), \
+        Config(128, 128, 64, 4, 8)
+    rest = "x64x56x56x64x3x3x56x56x1x1x1x1x1x1x1-cl-wcl"
+    table = {"configs": {"conv2d_forward": {f"32{rest}|float16": list(a), f"256{rest}|float16": list(b),
+                                            f"128{rest}|float16": list(big), f"64{rest}|float32": list(c)}}}
+    timer = FakeTimer({})
+    configs = [Config(32, 32, 32, 2, 4)]
+    # 100 KB of shared memory: `big` (4 stages of 128x64 + 64x128 halves, 128 KB) does not fit.
+    tuner = make_tuner(tmp_path, timer, table, shared_memory=100 * 1024)
+
+    def choose(batch, dtype=torch.float16, key_rest=rest, kernel="conv2d_forward"):
+        return tuner.choose(kernel, f"{batch}{key_rest}", dtype, configs, DEFAULT, timer.run)
+
+    assert choose(32) == a  # exact
+    assert choose(40) == a and choose(8) == a
+    assert choose(200) == b and choose(1024) == b
+    assert choose(90) == a  # log2(90/32) = 1.49 < log2(256/90) = 1.51
+    assert timer.timed == []
+    assert choose(64, torch.float32) == c
+    # Nothing near: timed (and cached) like any new key.
+    assert choose(32, key_rest=rest.replace("x64x56", "x32x56")) == configs[0]
+    assert choose(32, kernel="conv2d_input_grad") == configs[0]
+    assert choose(32, torch.bfloat16) == configs[0]
+    assert len(timer.timed) == 3
+    # A tie (64 between 32 and 128) goes to the larger batch once 128 fits.
+    roomy = make_tuner(tmp_path, FakeTimer({}), table)
+    assert roomy.choose("conv2d_forward", f"64{rest}", torch.float16, configs, DEFAULT, timer.run) == big

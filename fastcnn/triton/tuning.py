@@ -6,6 +6,8 @@ A config is (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps). For one launch
      (fastcnn/triton/tuned/<gpu-kind>.json, written by benches/tune_triton.py);
   2. the on-disk cache of earlier timings ($FASTCNN_CACHE_DIR, else
      $XDG_CACHE_HOME/fastcnn, else ~/.cache/fastcnn; never inside the package);
+  2b. in each of those, the same shape tuned at another batch (the nearest one),
+     since the table is tuned at one batch and the networks run at several;
   3. timing every candidate that fits the GPU's shared memory with
      triton.testing.do_bench, and caching the winner (memory and disk).
 Under the interpreter, while torch.compile traces with fake tensors, during CUDA
@@ -17,6 +19,7 @@ table/cache hit or one default.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -227,13 +230,42 @@ class Tuner:
         self._cache = _configs_of(_read_json(self.cache_path))
         self.timings: dict[tuple[str, str], dict[Config, float]] = {}
         self.failures: dict[tuple[str, Config], str] = {}
+        self._nearest: dict[tuple[str, str], Config | None] = {}
 
     def lookup(self, kernel: str, key: str, dtype: torch.dtype) -> Config | None:
+        """The table's (else the cache's) config for this exact key, else for the same
+        shape at the nearest batch (the key's first field; see _nearest_batch)."""
         entry = _entry_key(key, dtype)
         for source in (self._table, self._cache):
             config = source.get(kernel, {}).get(entry)
             if config is not None and shared_memory_bytes(config, dtype) <= self.shared_memory:
                 return config
+        try:
+            return self._nearest[(kernel, entry)]
+        except KeyError:
+            found = self._nearest[(kernel, entry)] = self._nearest_batch(kernel, key, dtype)
+            return found
+
+    def _nearest_batch(self, kernel: str, key: str, dtype: torch.dtype) -> Config | None:
+        """A layer's best config hardly moves with the batch once the tiles are full, and
+        the table is tuned at one batch: the entry whose key differs only in its first
+        field (the batch of a conv, the rows of a GEMM), nearest to it on a log scale
+        (the larger batch on a tie); None if there is none."""
+        head, sep, rest = key.partition("x")
+        if not sep or not head.isdigit() or int(head) <= 0:
+            return None
+        batch, suffix = int(head), f"x{rest}|{_dtype_name(dtype)}"
+        best: tuple[float, int, Config] | None = None
+        for source in (self._table, self._cache):
+            for entry, config in source.get(kernel, {}).items():
+                other = entry[:-len(suffix)] if entry.endswith(suffix) else ""
+                if not other.isdigit() or int(other) <= 0 or shared_memory_bytes(config, dtype) > self.shared_memory:
+                    continue
+                rank = (abs(math.log2(int(other) / batch)), -int(other), config)
+                if best is None or rank[:2] < best[:2]:
+                    best = rank
+            if best is not None:
+                return best[2]  # the table's entries come before the cache's
         return None
 
     def choose(self, kernel: str, key: str, dtype: torch.dtype, configs: list[Config], default: Config,
@@ -264,6 +296,7 @@ class Tuner:
         best = min(times, key=times.__getitem__)
         self.timings[(kernel, _entry_key(key, dtype))] = times
         self._cache.setdefault(kernel, {})[_entry_key(key, dtype)] = best
+        self._nearest.clear()
         if self.cache_path is not None and not self.retune:
             try:
                 write_configs(self.cache_path, {kernel: {_entry_key(key, dtype): best}},
