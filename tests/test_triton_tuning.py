@@ -305,3 +305,36 @@ def test_other_batch_of_a_tuned_shape_uses_the_nearest_batch(tmp_path):
     # A tie (64 between 32 and 128) goes to the larger batch once 128 fits.
     roomy = make_tuner(tmp_path, FakeTimer({}), table)
     assert roomy.choose("conv2d_forward", f"64{rest}", torch.float16, configs, DEFAULT, timer.run) == big
+
+
+def test_prepared_triton_conv_keeps_the_table_config(tmp_path, monkeypatch):
+    """A prepared Triton conv call takes the table's config on its first call and keeps it
+    (no lookups after that), with the same result; a new tuner is consulted afresh."""
+    import fastcnn
+    from fastcnn import functional as F
+    from fastcnn.ops.conv_geometry import conv_params, geometry
+    from fastcnn.triton import conv2d as triton_conv
+    device = torch.device("cpu")  # the interpreter
+    x = torch.randn(2, 5, 9, 7).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(6, 5, 3, 3).contiguous(memory_format=torch.channels_last)
+    b = torch.randn(6)
+    geom = geometry(conv_params(x, w, 1, 1, 1, 1), x.shape, w.shape)
+    key = triton_conv._key(geom, x, w, triton_conv.dot_mode(x.dtype, False, device))
+    table = {"configs": {"conv2d_forward": {f"{key}|float32": [16, 16, 16, 1, 4]}}}
+    lookups = []
+    real_lookup = Tuner.lookup
+    monkeypatch.setattr(Tuner, "lookup", lambda self, *a: lookups.append(a) or real_lookup(self, *a))
+    previous = tuning.tuner_for(device)
+    expected = torch.relu(torch.nn.functional.conv2d(x, w, b, padding=1))
+    try:
+        tuning.set_tuner(device, make_tuner(tmp_path, table=table, interpreting=True))
+        with fastcnn.use_backend("triton"), torch.no_grad():
+            for _ in range(3):
+                torch.testing.assert_close(F.conv2d(x, w, b, padding=1, act="relu"), expected)
+            assert lookups == [("conv2d_forward", key, torch.float32)]
+            (tmp_path / "other").mkdir()
+            tuning.set_tuner(device, make_tuner(tmp_path / "other", table=table, interpreting=True))
+            F.conv2d(x, w, b, padding=1, act="relu")
+            assert len(lookups) == 2
+    finally:
+        tuning.set_tuner(device, previous)

@@ -32,7 +32,7 @@ from torch import Tensor
 from fastcnn import _native, backends
 from fastcnn.ops.checks import check_act, check_layer_bias, check_matches, check_tensor
 from fastcnn.ops.conv_geometry import ConvParams, conv_params, geometry
-from fastcnn.ops.launch import backend_table
+from fastcnn.ops.launch import backend_table, bound_triton
 from fastcnn.ops.layout import memory_format_of, new_like
 from fastcnn.ops.packed_weights import packed_conv_weight
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
@@ -160,6 +160,11 @@ def _bind_forward(backend, x, w, residual, out, params, act, pack_weight):
     pack_weight: the CPU keeps the weight packed between calls."""
     if backend == "cpu":
         return _bind_cpu_conv2d(x, w, residual, out, params, act, pack_weight)
+    if backend == "triton":
+        from fastcnn.triton import conv2d as kernels
+        plan = kernels.forward_launcher(x, w, residual, out, geometry(params, x.shape, w.shape), act)
+        return bound_triton(x.device, lambda x, w, bias, residual, out: plan(x, w, bias, residual, out,
+                                                                              conv_allows_tf32()))
     launch = FORWARD[backend]
     return lambda x, w, bias, residual, out: launch(x, w, bias, residual, out, params, act)
 

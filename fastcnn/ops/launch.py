@@ -46,6 +46,21 @@ def _eager_triton(launch):
     return run
 
 
+def bound_triton(device: torch.device, launch):
+    """A Triton launch for tensors on `device` (a prepared call's): run(*args) as the
+    triton entries of backend_table run it, switching devices only where `device` is
+    not the current one (the switch costs more than the check)."""
+    index = device.index if device.type == "cuda" else None
+
+    def run(*args):
+        with set_wrap_triton_enabled(False):
+            if index is None or torch.cuda.current_device() == index:
+                return launch(*args)
+            with torch.cuda.device(index):
+                return launch(*args)
+    return run
+
+
 def backend_table(*, torch, cpu=None, cuda=None, triton=None) -> dict:
     """The launcher per backend name, each wrapped as its backend needs; a backend an
     op has no implementation in (None) is left out."""

@@ -19,6 +19,7 @@ Geometry: the 16-int list of fastcnn/ops/conv_geometry.py
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import triton
@@ -429,6 +430,16 @@ def _unpadded_1x1(geometry: list[int]) -> bool:
 def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                    residual: torch.Tensor | None, out: torch.Tensor, geometry: list[int], act: str | None,
                    allow_tf32: bool, config: tuning.Config | None = None) -> None:
+    forward_launcher(x, weight, residual, out, geometry, act)(x, weight, bias, residual, out, allow_tf32, config)
+
+
+def forward_launcher(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor,
+                     geometry: list[int], act: str | None) -> Callable[..., None]:
+    """conv2d_forward for tensors of these sizes and strides (any device, meta too), with
+    all that depends on them alone worked out once: run(x, weight, bias, residual, out,
+    allow_tf32, config=None). A prepared call (ops/prepared.py) keeps one per signature;
+    it also keeps the config once the table or the cache has one (lookups cost ~10 us a
+    call)."""
     nb, c, h, w, k, r, s, oh, ow, sh, sw, ph, pw, dh, dw, groups = _unpack(geometry)
     cg, kg = c // groups, k // groups
     if _unpadded_1x1(geometry):
@@ -437,25 +448,38 @@ def conv2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
         mode = MODE_FLAT if _flat(cg) else MODE_TAPS
     m = nb * oh * ow
     idx64 = needs_int64(x, weight, residual, out, extra=m + 256)
-    dot = dot_mode(x.dtype, allow_tf32, x.device)
-    res = residual if residual is not None else out
-    rstride = residual.stride() if residual is not None else (0, 0, 0, 0)
+    sizes = (nb, h, w, oh, ow, cg, kg, r, s, sh, sw, ph, pw, dh, dw)
+    strides = (*x.stride(), *weight.stride(), *(residual.stride() if residual is not None else (0, 0, 0, 0)),
+               *out.stride())
+    act_c, acc, has_res = act_code(act), acc_dtype(out.dtype), residual is not None
+    keys: dict[int, str] = {}
+    settled: dict[int, tuning.Config] = {}
+    # (tap, channel) loops are flattened loops in the miscompile's sense: warps are capped.
+    flat = mode != MODE_GEMM
 
-    def launch(cfg: tuning.Config) -> None:
+    def launch(cfg, dot, x, weight, bias, residual, out) -> None:
         grid = (cdiv(m, cfg.block_m) * cdiv(kg, cfg.block_n), 1, groups)
         wrap_triton(conv2d_forward_kernel)[grid](
-            x, weight, bias if bias is not None else out, res, out,
-            nb, h, w, oh, ow, cg, kg, r, s, sh, sw, ph, pw, dh, dw,
-            *x.stride(), *weight.stride(), *rstride, *out.stride(),
-            HAS_BIAS=bias is not None, HAS_RES=residual is not None, ACT=act_code(act), ACC=acc_dtype(out.dtype),
-            DOT=dot, MODE=mode, IDX64=idx64, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-            **_launch_options(cfg))
+            x, weight, bias if bias is not None else out, residual if has_res else out, out, *sizes, *strides,
+            HAS_BIAS=bias is not None, HAS_RES=has_res, ACT=act_c, ACC=acc, DOT=dot, MODE=mode, IDX64=idx64,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
-    if config is None:
-        # (tap, channel) loops are flattened loops in the miscompile's sense: warps are capped.
-        config = tuning.choose("conv2d_forward", _key(geometry, x, weight, dot), x.dtype, x.device, launch, (x, out),
-                               m=m, n=kg, k=r * s * cg, flat=mode != MODE_GEMM)
-    launch(config)
+    def run(x, weight, bias, residual, out, allow_tf32: bool, config: tuning.Config | None = None) -> None:
+        dot = dot_mode(x.dtype, allow_tf32, x.device)
+        if config is None:
+            config = settled.get(dot)
+        if config is None:
+            key = keys.get(dot) or keys.setdefault(dot, _key(geometry, x, weight, dot))
+            config = tuning.lookup("conv2d_forward", key, x.dtype, x.device, flat=flat)
+            if config is not None:
+                settled[dot] = config
+            else:
+                config = tuning.choose("conv2d_forward", key, x.dtype, x.device,
+                                       lambda cfg: launch(cfg, dot, x, weight, bias, residual, out), (x, out),
+                                       m=m, n=kg, k=r * s * cg, flat=flat)
+        launch(config, dot, x, weight, bias, residual, out)
+    return run
 
 
 def conv2d_input_grad(grad: torch.Tensor, weight: torch.Tensor, grad_x: torch.Tensor, geometry: list[int],

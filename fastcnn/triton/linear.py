@@ -9,6 +9,8 @@ has the same bits on every run."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import triton
 import triton.language as tl
@@ -65,32 +67,48 @@ def linear_splits(m: int, n: int, k: int) -> tuple[int, int]:
 
 def linear(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, act: str | None,
            allow_tf32: bool, config: tuning.Config | None = None) -> None:
+    linear_launcher(a, b, out, act)(a, b, bias, out, allow_tf32, config)
+
+
+def linear_launcher(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, act: str | None) -> Callable[..., None]:
+    """linear for operands of these sizes and strides, with all that depends on them alone
+    worked out once: run(a, b, bias, out, allow_tf32, config=None), which keeps the config
+    once the table or the cache has one (as conv2d.forward_launcher)."""
     m, k = a.shape
     n = b.shape[0]
     splits, chunk = linear_splits(m, n, k)
-    acc = acc_dtype(out.dtype)
-    ws = None
-    if splits > 1:
-        ws = torch.empty((splits, m, n), dtype=torch.float64 if out.dtype == torch.float64 else torch.float32,
-                         device=out.device)
-    idx64 = needs_int64(a, b, out, ws, extra=max(m, n, k) + 256)
-    dot = dot_mode(a.dtype, allow_tf32, a.device)
-    target = ws if ws is not None else out
+    acc, act_c = acc_dtype(out.dtype), act_code(act)
+    ws_dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
+    ws_reach = splits * m * n if splits > 1 else 0
+    idx64 = needs_int64(a, b, out, extra=max(m, n, k, ws_reach) + 256)
+    strides = (*a.stride(), *b.stride(), *out.stride())
+    reduce_strides = (out.stride(0), out.stride(1), 0, 0)
+    layout = ("k" if a.stride(1) == 1 else "m") + ("k" if b.stride(1) == 1 else "n")
+    settled: dict[int, tuning.Config] = {}
 
-    def launch(cfg: tuning.Config) -> None:
+    def launch(cfg, dot, a, b, bias, out) -> None:
+        ws = torch.empty((splits, m, n), dtype=ws_dtype, device=out.device) if splits > 1 else None
         grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n), 1, splits)
         wrap_triton(linear_kernel)[grid](
-            a, b, bias if bias is not None else out, target, m, n, k, chunk,
-            *a.stride(), *b.stride(), *out.stride(),
-            HAS_BIAS=bias is not None, ACT=act_code(act), ACC=acc, DOT=dot, TO_WORKSPACE=ws is not None,
+            a, b, bias if bias is not None else out, ws if ws is not None else out, m, n, k, chunk, *strides,
+            HAS_BIAS=bias is not None, ACT=act_c, ACC=acc, DOT=dot, TO_WORKSPACE=ws is not None,
             IDX64=idx64, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if ws is not None:
-            reduce_splits(ws, bias, out, n, 1, (out.stride(0), out.stride(1), 0, 0), act_code(act), acc)
+            reduce_splits(ws, bias, out, n, 1, reduce_strides, act_c, acc)
 
-    if config is None:
-        layout = ("k" if a.stride(1) == 1 else "m") + ("k" if b.stride(1) == 1 else "n")
-        layout += "-tf32" if dot == DOT_TF32 else ""
-        config = tuning.choose("linear", f"{m}x{n}x{k}-{layout}", a.dtype, a.device, launch, (a, b, out),
-                               m=m, n=n, k=min(k, chunk), small_m=m <= 16)
-    launch(config)
+    def run(a, b, bias, out, allow_tf32: bool, config: tuning.Config | None = None) -> None:
+        dot = dot_mode(a.dtype, allow_tf32, a.device)
+        if config is None:
+            config = settled.get(dot)
+        if config is None:
+            key = f"{m}x{n}x{k}-{layout}" + ("-tf32" if dot == DOT_TF32 else "")
+            config = tuning.lookup("linear", key, a.dtype, a.device)
+            if config is not None:
+                settled[dot] = config
+            else:
+                config = tuning.choose("linear", key, a.dtype, a.device,
+                                       lambda cfg: launch(cfg, dot, a, b, bias, out), (a, b, out),
+                                       m=m, n=n, k=min(k, chunk), small_m=m <= 16)
+        launch(config, dot, a, b, bias, out)
+    return run

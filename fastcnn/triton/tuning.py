@@ -338,7 +338,10 @@ def tuner_for(device: torch.device) -> Tuner:
 
 
 def set_tuner(device: torch.device, tuner: Tuner) -> None:
-    """Replaces the tuner of a device (benches/tune_triton.py and tests)."""
+    """Replaces the tuner of a device (benches/tune_triton.py and tests); prepared
+    launches forget the configs they kept from the old one."""
+    from fastcnn.ops import prepared
+    prepared.clear()
     if interpreting(device):
         _tuners["interpreter"] = tuner
     else:
@@ -354,6 +357,14 @@ def may_time(*tensors: torch.Tensor | None) -> bool:
     if torch.compiler.is_compiling() or os.environ.get("FASTCNN_TRITON_TUNE", "1") == "0":
         return False
     return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def lookup(kernel: str, key: str, dtype: torch.dtype, device: torch.device, *, flat: bool = False) -> Config | None:
+    """The config choose() would take from the table or the cache (nearest batch
+    included), without timing anything; None where it would time or use the default."""
+    tuner = tuner_for(device)
+    hit = None if tuner.retune else tuner.lookup(kernel, key, dtype)
+    return hit.capped_warps(FLAT_MAX_WARPS) if hit is not None and flat else hit
 
 
 def choose(kernel: str, key: str, dtype: torch.dtype, device: torch.device, run: Callable[[Config], None],
