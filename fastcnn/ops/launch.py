@@ -30,8 +30,10 @@ def _on_tensor_device(launch):
     @functools.wraps(launch)
     def run(*args):
         device = _device_of(args)
-        guard = torch.cuda.device(device) if device is not None and device.type == "cuda" else contextlib.nullcontext()
-        with guard:
+        # The switch costs more than the check: only where the tensors' device is not current.
+        if device is None or device.type != "cuda" or device.index == torch.cuda.current_device():
+            return launch(*args)
+        with torch.cuda.device(device):
             return launch(*args)
     return run
 
