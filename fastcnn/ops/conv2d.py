@@ -409,6 +409,8 @@ def _prepare_input_grad(grad, weight, input_size, stride, padding, dilation, gro
     backend = backends.resolve(grad.device)
     if backend == "cpu":
         launch = _bind_cpu_backward("conv2d_input_grad", grad, weight, input_size, memory_format_of(grad), params)
+    elif backend == "triton":
+        launch = _bind_triton_backward("conv2d_input_grad", grad, weight, input_size, memory_format_of(grad), params)
     else:
         launch = _bind_backward(INPUT_GRAD[backend], params)
     run = prepared.allocating(input_size, launch, like=grad)
@@ -435,6 +437,17 @@ def _bind_cpu_backward(kernel: str, grad, other, out_size, out_format, params):
     def launch(g, o, out):
         native(g.data_ptr(), g_stride, o.data_ptr(), o_stride, out.data_ptr(), out_stride, geom, code)
     return launch
+
+
+def _bind_triton_backward(kernel: str, grad, other, out_size, out_format, params):
+    """A Triton gradient launch (grad, other, out), planned once for tensors like these
+    (fastcnn/triton/conv2d.py's *_launcher; arguments as _bind_cpu_backward's)."""
+    from fastcnn.triton import conv2d as kernels
+    image, kernel_shape = (out_size, other.shape) if kernel == "conv2d_input_grad" else (other.shape, out_size)
+    like_out = torch.empty(out_size, dtype=grad.dtype, device="meta", memory_format=out_format)
+    make = kernels.input_grad_launcher if kernel == "conv2d_input_grad" else kernels.weight_grad_launcher
+    plan = make(grad, other, like_out, geometry(params, image, kernel_shape))
+    return bound_triton(grad.device, lambda g, o, out: plan(g, o, out, conv_allows_tf32()))
 
 
 direct.register_prepare("fastcnn::conv2d_input_grad", _prepare_input_grad)
@@ -534,6 +547,8 @@ def _prepare_weight_grad(grad, input, weight_size, stride, padding, dilation, gr
     out_format = _weight_grad_format(channels_last)
     if backend == "cpu":
         launch = _bind_cpu_backward("conv2d_weight_grad", grad, input, weight_size, out_format, params)
+    elif backend == "triton":
+        launch = _bind_triton_backward("conv2d_weight_grad", grad, input, weight_size, out_format, params)
     else:
         launch = _bind_backward(WEIGHT_GRAD[backend], params)
     run = prepared.allocating(weight_size, launch, memory_format=out_format)

@@ -452,10 +452,8 @@ def forward_launcher(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tens
     strides = (*x.stride(), *weight.stride(), *(residual.stride() if residual is not None else (0, 0, 0, 0)),
                *out.stride())
     act_c, acc, has_res = act_code(act), acc_dtype(out.dtype), residual is not None
-    keys: dict[int, str] = {}
-    settled: dict[int, tuning.Config] = {}
     # (tap, channel) loops are flattened loops in the miscompile's sense: warps are capped.
-    flat = mode != MODE_GEMM
+    choice = tuning.LaunchConfig("conv2d_forward", m=m, n=kg, k=r * s * cg, flat=mode != MODE_GEMM)
 
     def launch(cfg, dot, x, weight, bias, residual, out) -> None:
         grid = (cdiv(m, cfg.block_m) * cdiv(kg, cfg.block_n), 1, groups)
@@ -468,22 +466,21 @@ def forward_launcher(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tens
     def run(x, weight, bias, residual, out, allow_tf32: bool, config: tuning.Config | None = None) -> None:
         dot = dot_mode(x.dtype, allow_tf32, x.device)
         if config is None:
-            config = settled.get(dot)
-        if config is None:
-            key = keys.get(dot) or keys.setdefault(dot, _key(geometry, x, weight, dot))
-            config = tuning.lookup("conv2d_forward", key, x.dtype, x.device, flat=flat)
-            if config is not None:
-                settled[dot] = config
-            else:
-                config = tuning.choose("conv2d_forward", key, x.dtype, x.device,
-                                       lambda cfg: launch(cfg, dot, x, weight, bias, residual, out), (x, out),
-                                       m=m, n=kg, k=r * s * cg, flat=flat)
+            config = choice.get(dot, lambda dot: _key(geometry, x, weight, dot), x.dtype, x.device,
+                                lambda cfg: launch(cfg, dot, x, weight, bias, residual, out), (x, out))
         launch(config, dot, x, weight, bias, residual, out)
     return run
 
 
 def conv2d_input_grad(grad: torch.Tensor, weight: torch.Tensor, grad_x: torch.Tensor, geometry: list[int],
                       allow_tf32: bool, config: tuning.Config | None = None) -> None:
+    input_grad_launcher(grad, weight, grad_x, geometry)(grad, weight, grad_x, allow_tf32, config)
+
+
+def input_grad_launcher(grad: torch.Tensor, weight: torch.Tensor, grad_x: torch.Tensor,
+                        geometry: list[int]) -> Callable[..., None]:
+    """conv2d_input_grad for tensors of these sizes and strides, planned once (as
+    forward_launcher): run(grad, weight, grad_x, allow_tf32, config=None)."""
     nb, c, h, w, k, r, s, oh, ow, sh, sw, ph, pw, dh, dw, groups = _unpack(geometry)
     cg, kg = c // groups, k // groups
     if r == 1 and s == 1 and sh == 1 and sw == 1 and ph == 0 and pw == 0 and oh == h and ow == w:
@@ -492,25 +489,28 @@ def conv2d_input_grad(grad: torch.Tensor, weight: torch.Tensor, grad_x: torch.Te
         mode = MODE_FLAT if _flat(kg) else MODE_TAPS
     m = nb * h * w
     idx64 = needs_int64(grad, weight, grad_x, extra=m + 256)
-    dot = dot_mode(grad.dtype, allow_tf32, grad.device)
     # Stride phases (see the kernel): the largest phase, phase (0, 0), sizes the grid.
     phases = (sh, sw) if mode == MODE_TAPS and groups * sh * sw < 65536 else (1, 1)
     steps = (phases[0] // math.gcd(phases[0], dh), phases[1] // math.gcd(phases[1], dw))
     rows = nb * cdiv(h, phases[0]) * cdiv(w, phases[1])
+    args = (nb, h, w, oh, ow, cg, kg, r, s, sh, sw, ph, pw, dh, dw,
+            *grad.stride(), *weight.stride(), *grad_x.stride(), *phases, *steps)
+    acc = acc_dtype(grad_x.dtype)
+    choice = tuning.LaunchConfig("conv2d_input_grad", m=m, n=cg, k=r * s * kg, flat=mode != MODE_GEMM)
 
-    def launch(cfg: tuning.Config) -> None:
+    def launch(cfg, dot, grad, weight, grad_x) -> None:
         grid = (cdiv(rows, cfg.block_m), cdiv(cg, cfg.block_n), groups * phases[0] * phases[1])
         wrap_triton(conv2d_input_grad_kernel)[grid](
-            grad, weight, grad_x,
-            nb, h, w, oh, ow, cg, kg, r, s, sh, sw, ph, pw, dh, dw,
-            *grad.stride(), *weight.stride(), *grad_x.stride(), *phases, *steps,
-            ACC=acc_dtype(grad_x.dtype), DOT=dot, MODE=mode, IDX64=idx64,
+            grad, weight, grad_x, *args, ACC=acc, DOT=dot, MODE=mode, IDX64=idx64,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **_launch_options(cfg))
 
-    if config is None:
-        config = tuning.choose("conv2d_input_grad", _key(geometry, grad, weight, dot), grad.dtype, grad.device, launch,
-                               (grad, grad_x), m=m, n=cg, k=r * s * kg, flat=mode != MODE_GEMM)
-    launch(config)
+    def run(grad, weight, grad_x, allow_tf32: bool, config: tuning.Config | None = None) -> None:
+        dot = dot_mode(grad.dtype, allow_tf32, grad.device)
+        if config is None:
+            config = choice.get(dot, lambda dot: _key(geometry, grad, weight, dot), grad.dtype, grad.device,
+                                lambda cfg: launch(cfg, dot, grad, weight, grad_x), (grad, grad_x))
+        launch(config, dot, grad, weight, grad_x)
+    return run
 
 
 def weight_grad_splits(geometry: list[int]) -> tuple[int, int]:
@@ -522,6 +522,13 @@ def weight_grad_splits(geometry: list[int]) -> tuple[int, int]:
 
 def conv2d_weight_grad(grad: torch.Tensor, x: torch.Tensor, grad_w: torch.Tensor, geometry: list[int],
                        allow_tf32: bool, config: tuning.Config | None = None) -> None:
+    weight_grad_launcher(grad, x, grad_w, geometry)(grad, x, grad_w, allow_tf32, config)
+
+
+def weight_grad_launcher(grad: torch.Tensor, x: torch.Tensor, grad_w: torch.Tensor,
+                         geometry: list[int]) -> Callable[..., None]:
+    """conv2d_weight_grad for tensors of these sizes and strides, planned once (as
+    forward_launcher): run(grad, x, grad_w, allow_tf32, config=None)."""
     nb, c, h, w, k, r, s, oh, ow, sh, sw, ph, pw, dh, dw, groups = _unpack(geometry)
     cg, kg = c // groups, k // groups
     mode = MODE_GEMM if _unpadded_1x1(geometry) else MODE_TAPS
@@ -529,27 +536,28 @@ def conv2d_weight_grad(grad: torch.Tensor, x: torch.Tensor, grad_w: torch.Tensor
     p = nb * oh * ow
     splits, chunk = weight_grad_splits(geometry)
     acc = acc_dtype(grad_w.dtype)
-    ws = None
-    if splits > 1:
-        ws = torch.empty((splits, k, crs), dtype=torch.float64 if grad_w.dtype == torch.float64 else torch.float32,
-                         device=grad_w.device)
-    idx64 = needs_int64(grad, x, grad_w, ws, extra=p + 256)
-    dot = dot_mode(x.dtype, allow_tf32, x.device)
-    target = ws if ws is not None else grad_w
+    ws_dtype = torch.float64 if grad_w.dtype == torch.float64 else torch.float32
+    idx64 = needs_int64(grad, x, grad_w, extra=max(p, splits * k * crs if splits > 1 else 0) + 256)
+    args = (nb, h, w, oh, ow, cg, kg, k, r, s, sh, sw, ph, pw, dh, dw, splits, chunk,
+            *grad.stride(), *x.stride(), *grad_w.stride())
+    reduce_strides = tuple(grad_w.stride())
+    # Columns are (r, s, c): a flattened loop in the miscompile's sense, so warps are capped.
+    choice = tuning.LaunchConfig("conv2d_weight_grad", m=kg, n=crs, k=min(p, chunk), flat=True, small_m=kg <= 16)
 
-    def launch(cfg: tuning.Config) -> None:
+    def launch(cfg, dot, grad, x, grad_w) -> None:
+        ws = torch.empty((splits, k, crs), dtype=ws_dtype, device=grad_w.device) if splits > 1 else None
         grid = (cdiv(kg, cfg.block_m), cdiv(crs, cfg.block_n), groups * splits)
         wrap_triton(conv2d_weight_grad_kernel)[grid](
-            grad, x, target,
-            nb, h, w, oh, ow, cg, kg, k, r, s, sh, sw, ph, pw, dh, dw, splits, chunk,
-            *grad.stride(), *x.stride(), *grad_w.stride(),
+            grad, x, ws if ws is not None else grad_w, *args,
             TO_WORKSPACE=ws is not None, ACC=acc, DOT=dot, MODE=mode, IDX64=idx64,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **_launch_options(cfg))
         if ws is not None:
-            reduce_splits(ws, None, grad_w, cg, s, tuple(grad_w.stride()), 0, acc)
+            reduce_splits(ws, None, grad_w, cg, s, reduce_strides, 0, acc)
 
-    if config is None:
-        # Columns are (r, s, c): a flattened loop in the miscompile's sense, so warps are capped.
-        config = tuning.choose("conv2d_weight_grad", _key(geometry, x, grad_w, dot), x.dtype, x.device, launch,
-                               (grad, x, grad_w), m=kg, n=crs, k=min(p, chunk), flat=True, small_m=kg <= 16)
-    launch(config)
+    def run(grad, x, grad_w, allow_tf32: bool, config: tuning.Config | None = None) -> None:
+        dot = dot_mode(x.dtype, allow_tf32, x.device)
+        if config is None:
+            config = choice.get(dot, lambda dot: _key(geometry, x, grad_w, dot), x.dtype, x.device,
+                                lambda cfg: launch(cfg, dot, grad, x, grad_w), (grad, x, grad_w))
+        launch(config, dot, grad, x, grad_w)
+    return run

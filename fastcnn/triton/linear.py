@@ -84,7 +84,7 @@ def linear_launcher(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, act: st
     strides = (*a.stride(), *b.stride(), *out.stride())
     reduce_strides = (out.stride(0), out.stride(1), 0, 0)
     layout = ("k" if a.stride(1) == 1 else "m") + ("k" if b.stride(1) == 1 else "n")
-    settled: dict[int, tuning.Config] = {}
+    choice = tuning.LaunchConfig("linear", m=m, n=n, k=min(k, chunk), small_m=m <= 16)
 
     def launch(cfg, dot, a, b, bias, out) -> None:
         ws = torch.empty((splits, m, n), dtype=ws_dtype, device=out.device) if splits > 1 else None
@@ -100,15 +100,7 @@ def linear_launcher(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, act: st
     def run(a, b, bias, out, allow_tf32: bool, config: tuning.Config | None = None) -> None:
         dot = dot_mode(a.dtype, allow_tf32, a.device)
         if config is None:
-            config = settled.get(dot)
-        if config is None:
-            key = f"{m}x{n}x{k}-{layout}" + ("-tf32" if dot == DOT_TF32 else "")
-            config = tuning.lookup("linear", key, a.dtype, a.device)
-            if config is not None:
-                settled[dot] = config
-            else:
-                config = tuning.choose("linear", key, a.dtype, a.device,
-                                       lambda cfg: launch(cfg, dot, a, b, bias, out), (a, b, out),
-                                       m=m, n=n, k=min(k, chunk), small_m=m <= 16)
+            config = choice.get(dot, lambda dot: f"{m}x{n}x{k}-{layout}" + ("-tf32" if dot == DOT_TF32 else ""),
+                                a.dtype, a.device, lambda cfg: launch(cfg, dot, a, b, bias, out), (a, b, out))
         launch(config, dot, a, b, bias, out)
     return run

@@ -367,6 +367,30 @@ def lookup(kernel: str, key: str, dtype: torch.dtype, device: torch.device, *, f
     return hit.capped_warps(FLAT_MAX_WARPS) if hit is not None and flat else hit
 
 
+class LaunchConfig:
+    """The config of a launcher that serves tensors of one signature (a prepared call's):
+    from the table or the cache (lookup) as soon as either has it, then kept, per dot
+    mode (TF32 can be switched between calls); until then choose(), which may time."""
+
+    def __init__(self, kernel: str, *, m: int, n: int, k: int, flat: bool = False, small_m: bool = False):
+        self.kernel, self.m, self.n, self.k, self.flat, self.small_m = kernel, m, n, k, flat, small_m
+        self._settled: dict[int, Config] = {}
+        self._keys: dict[int, str] = {}
+
+    def get(self, dot: int, key_of: Callable[[int], str], dtype: torch.dtype, device: torch.device,
+            run: Callable[[Config], None], tensors: tuple) -> Config:
+        config = self._settled.get(dot)
+        if config is not None:
+            return config
+        key = self._keys.get(dot) or self._keys.setdefault(dot, key_of(dot))
+        config = lookup(self.kernel, key, dtype, device, flat=self.flat)
+        if config is not None:
+            self._settled[dot] = config
+            return config
+        return choose(self.kernel, key, dtype, device, run, tensors, m=self.m, n=self.n, k=self.k, flat=self.flat,
+                      small_m=self.small_m)
+
+
 def choose(kernel: str, key: str, dtype: torch.dtype, device: torch.device, run: Callable[[Config], None],
            tensors: tuple, *, m: int, n: int, k: int, flat: bool = False, small_m: bool = False) -> Config:
     """The config for one launch of `kernel` (see the module docstring)."""
