@@ -20,7 +20,11 @@
 #   layers     every conv/FC layer of $DEVICE_LAYER_NETS (default all), float16, forward
 # $DEVICE_BACKENDS (default: every GPU backend) limits the benchmarks' backends.
 # The CPU module is not built (FASTCNN_CPU=0). CUDA objects compiled beforehand by the
-# same nvcc can be carried in build/temp.linux-x86_64-cpython-3XX/cuda: they are reused.
+# same nvcc can be carried in build/temp.linux-x86_64-cpython-3XX/cuda with a stamp of
+# the sources they were built from, made beside them when they are built:
+#   (cd build/temp.linux-x86_64-cpython-312/cuda && sha256sum "$OLDPWD"/setup.py \
+#     "$OLDPWD"/kernels/cuda/* "$OLDPWD"/kernels/include/fastcnn/* | sed "s|$OLDPWD/||" >sources.sha256)
+# They are reused only where the stamp still matches the tree; else nvcc runs.
 set -uo pipefail
 OUT_DIR="${1:?usage: benches/device_check.sh OUTPUT_DIR [SECONDS] [PHASES]}"
 BUDGET="${2:-450}"
@@ -33,6 +37,7 @@ export PYTHONUNBUFFERED=1
 export FASTCNN_TRITON_TUNE=0
 BACKEND_ARGS=()
 [[ -n "${DEVICE_BACKENDS:-}" ]] && BACKEND_ARGS=(--backends $DEVICE_BACKENDS)
+# "${A[@]}" of an empty array fails under set -u before bash 4.4: ${A[@]+"${A[@]}"} does not.
 START=$SECONDS
 status=0
 
@@ -49,7 +54,11 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,n
 "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
 
 phase "build fastcnn._cuda (nvcc required)"
-touch build/temp.*/cuda/*.o 2>/dev/null  # carried objects: newer than the sources again
+for stamp in build/temp.*/cuda/sources.sha256; do
+  # Carried objects of these very sources: newer than the sources again, so setup.py keeps them.
+  [[ -f "$stamp" ]] && sha256sum --quiet -c "$stamp" && touch "$(dirname "$stamp")"/*.o \
+    && echo "reusing the carried CUDA objects"
+done
 if ! FASTCNN_CPU=0 FASTCNN_CUDA=1 timeout "$(budget 150)" "$PY" setup.py -q build_ext --inplace -j "$(nproc)" \
     >"$LOGS/build.log" 2>&1; then
   tail -30 "$LOGS/build.log"; echo "BUILD FAILED"; exit 1
@@ -70,6 +79,7 @@ if wants sanitize; then
   timeout -k 10 "$(budget 60)" compute-sanitizer --tool memcheck --print-limit 20 \
     "$PY" benches/gpu_sanitize.py ${DEVICE_SANITIZE:-float32 float16} >"$LOGS/sanitize.log" 2>&1 || status=1
   grep -E "ERROR SUMMARY|Invalid|sanitize:" "$LOGS/sanitize.log" | head -60
+  grep -q "ERROR SUMMARY" "$LOGS/sanitize.log" || tail -5 "$LOGS/sanitize.log"
 fi
 
 if wants tune; then
@@ -86,7 +96,7 @@ fi
 if wants nets; then
   phase "the networks, inference, batch 256, float16: eager and fastcnn"
   timeout -s INT -k 10 "$(budget 120)" "$PY" -m fastcnn bench --nets resnet50 lenet5 alexnet vgg16 resnet18 googlenet \
-    --mode infer --dtype float16 --no-compile "${BACKEND_ARGS[@]}" \
+    --mode infer --dtype float16 --no-compile ${BACKEND_ARGS[@]+"${BACKEND_ARGS[@]}"} \
     --json "$OUT_DIR/networks-infer.json" --markdown "$OUT_DIR/networks-infer.md" >"$LOGS/networks.log" 2>&1 || status=1
   cat "$OUT_DIR/networks-infer.md" 2>/dev/null || tail -20 "$LOGS/networks.log"
 fi
@@ -94,7 +104,7 @@ fi
 if wants compile; then
   phase "ResNet-50 inference, batch 256, float16: eager, torch.compile, fastcnn"
   timeout -s INT -k 10 "$(budget 120)" "$PY" -m fastcnn bench --nets resnet50 --mode infer --dtype float16 \
-    "${BACKEND_ARGS[@]}" --json "$OUT_DIR/resnet50-compile.json" --markdown "$OUT_DIR/resnet50-compile.md" \
+    ${BACKEND_ARGS[@]+"${BACKEND_ARGS[@]}"} --json "$OUT_DIR/resnet50-compile.json" --markdown "$OUT_DIR/resnet50-compile.md" \
     >"$LOGS/resnet50-compile.log" 2>&1 || status=1
   cat "$OUT_DIR/resnet50-compile.md" 2>/dev/null || tail -20 "$LOGS/resnet50-compile.log"
 fi
@@ -103,8 +113,8 @@ if wants layers; then
   phase "conv and FC layers of ${DEVICE_LAYER_NETS:-every network}, float16, channels_last, forward"
   NET_ARGS=()
   [[ -n "${DEVICE_LAYER_NETS:-}" ]] && NET_ARGS=(--nets $DEVICE_LAYER_NETS)
-  timeout -s INT -k 10 "$(budget 150)" "$PY" -m fastcnn bench --layers --dtype float16 "${NET_ARGS[@]}" \
-    "${BACKEND_ARGS[@]}" --json "$OUT_DIR/layers-fwd.json" --markdown "$OUT_DIR/layers-fwd.md" \
+  timeout -s INT -k 10 "$(budget 150)" "$PY" -m fastcnn bench --layers --dtype float16 ${NET_ARGS[@]+"${NET_ARGS[@]}"} \
+    ${BACKEND_ARGS[@]+"${BACKEND_ARGS[@]}"} --json "$OUT_DIR/layers-fwd.json" --markdown "$OUT_DIR/layers-fwd.md" \
     >"$LOGS/layers.log" 2>&1 || status=1
   tail -25 "$OUT_DIR/layers-fwd.md" 2>/dev/null || tail -20 "$LOGS/layers.log"
 fi

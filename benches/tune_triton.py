@@ -53,13 +53,15 @@ def fc_layer_tuples(nets) -> list[tuple[int, int]]:
     return [(l.in_features, l.out_features) for l in linear_layers(nets)]
 
 
+STARTED = time.time()
 KERNELS = ("conv2d_forward", "conv2d_input_grad", "conv2d_weight_grad", "linear")
 DRY_CONV = [(3, 6, 5, 4, 3, 1, 1, 1)]
 DRY_FC = [(16, 8)]
 
 
-def conv_tasks(layer: tuple, batch: int, dtype: torch.dtype, device: torch.device):
-    """(kernel, launch, reference) for the three conv kernels of one layer."""
+def conv_tasks(layer: tuple, batch: int, dtype: torch.dtype, device: torch.device, kernels=KERNELS):
+    """(kernel, launch, reference) for the conv kernels of one layer that `kernels` names
+    (the backward reference is computed only where a gradient kernel is tuned)."""
     c, h, w, k, ksize, stride, pad, groups = layer
     x = torch.randn(batch, c, h, w, device=device, dtype=dtype).contiguous(memory_format=torch.channels_last)
     wt = (torch.randn(k, c // groups, ksize, ksize, device=device, dtype=dtype) / (c * ksize * ksize) ** 0.5)
@@ -73,20 +75,23 @@ def conv_tasks(layer: tuple, batch: int, dtype: torch.dtype, device: torch.devic
     grad_x = torch.empty_like(x)
     grad_w = torch.empty_like(wt)
     # The reference in float32 without TF32 (float64 convs of the big layers are slow on GPU).
-    xd, wd = x.float().requires_grad_(), wt.float().requires_grad_()
+    backward = any(k in kernels for k in ("conv2d_input_grad", "conv2d_weight_grad"))
+    xd, wd = x.float().requires_grad_(backward), wt.float().requires_grad_(backward)
     y = F.conv2d(xd, wd, bias.float(), stride, pad, 1, groups)
-    y.backward(grad.float())
-    return [
+    if backward:
+        y.backward(grad.float())
+    tasks = [
         ("conv2d_forward", out, lambda cfg: triton_conv.conv2d_forward(x, wt, bias, None, out, geom, "relu", False,
-                                                                       config=cfg), torch.relu(y.detach())),
+                                                                       config=cfg), lambda: torch.relu(y.detach())),
         ("conv2d_input_grad", grad_x, lambda cfg: triton_conv.conv2d_input_grad(grad, wt, grad_x, geom, False,
-                                                                                config=cfg), xd.grad),
+                                                                                config=cfg), lambda: xd.grad),
         ("conv2d_weight_grad", grad_w, lambda cfg: triton_conv.conv2d_weight_grad(grad, x, grad_w, geom, False,
-                                                                                  config=cfg), wd.grad),
+                                                                                  config=cfg), lambda: wd.grad),
     ]
+    return [(kernel, o, launch, ref()) for kernel, o, launch, ref in tasks if kernel in kernels]
 
 
-def fc_tasks(layer: tuple[int, int], batch: int, dtype: torch.dtype, device: torch.device):
+def fc_tasks(layer: tuple[int, int], batch: int, dtype: torch.dtype, device: torch.device, kernels=KERNELS):
     """(kernel, launch, reference) for the forward GEMM and the two backward GEMMs."""
     k, n = layer
     x = torch.randn(batch, k, device=device, dtype=dtype)
@@ -116,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dry-run", action="store_true", help="tiny shapes, 2 configs, writes only --out")
     parser.add_argument("--out", type=Path, default=None, help="table to write (default: the committed one)")
     args = parser.parse_args(argv)
+    args.started = STARTED if argv is None else time.time()  # the deadline counts from the start
 
     device = torch.device("cpu") if tuning.interpreting(torch.device("cuda")) else torch.device("cuda")
     if device.type == "cpu" and not args.dry_run:
@@ -168,29 +174,26 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _tune(args, device, tuner, conv_shapes, fc_shapes, batch, fc_batch, checked, save) -> dict:
-    started = time.time()
-    for dtype_name in args.dtypes:
+    started = args.started
+    layers = []
+    if any(k.startswith("conv2d") for k in args.kernels):
+        layers += [(layer, conv_tasks) for layer in conv_shapes]
+    if "linear" in args.kernels:
+        layers += [(layer, fc_tasks) for layer in fc_shapes]
+    for dtype_name, (layer, make_tasks) in ((d, item) for d in args.dtypes for item in layers):
+        if args.deadline is not None and time.time() - started > args.deadline:
+            print(f"deadline of {args.deadline:.0f} s reached: {dtype_name} from {layer} on is not tuned")
+            break
         dtype = getattr(torch, dtype_name)
-        work = [(layer, conv_tasks) for layer in conv_shapes] + [(layer, fc_tasks) for layer in fc_shapes]
-        if "linear" not in args.kernels:
-            work = [(layer, make) for layer, make in work if make is conv_tasks]
-        if not any(k.startswith("conv2d") for k in args.kernels):
-            work = [(layer, make) for layer, make in work if make is fc_tasks]
-        for layer, make_tasks in work:
-            if args.deadline is not None and time.time() - started > args.deadline:
-                print(f"deadline of {args.deadline:.0f} s reached: the layers from {layer} on are not tuned")
-                break
-            tasks = make_tasks(layer, batch if make_tasks is conv_tasks else fc_batch, dtype, device)
-            for kernel, out, launch, ref in tasks:
-                if kernel not in args.kernels:
-                    continue
-                checked["current"] = (out, ref, dtype)
-                launch(None)  # the launcher asks the tuner, which times every candidate
-                print(f"{dtype_name} {layer} {kernel}: {time.time() - started:.0f} s", flush=True)
-            del tasks
-            save(tuner.chosen())
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        tasks = make_tasks(layer, batch if make_tasks is conv_tasks else fc_batch, dtype, device, args.kernels)
+        for kernel, out, launch, ref in tasks:
+            checked["current"] = (out, ref, dtype)
+            launch(None)  # the launcher asks the tuner, which times every candidate
+            print(f"{dtype_name} {layer} {kernel}: {time.time() - started:.0f} s", flush=True)
+        del tasks
+        save(tuner.chosen())
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     for (kernel, config), why in tuner.failures.items():
         print(f"  failed {kernel} {config}: {why}")
     return tuner.chosen()

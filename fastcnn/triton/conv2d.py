@@ -542,7 +542,8 @@ def weight_grad_launcher(grad: torch.Tensor, x: torch.Tensor, grad_w: torch.Tens
             *grad.stride(), *x.stride(), *grad_w.stride())
     reduce_strides = tuple(grad_w.stride())
     # Columns are (r, s, c): a flattened loop in the miscompile's sense, so warps are capped.
-    choice = tuning.LaunchConfig("conv2d_weight_grad", m=kg, n=crs, k=min(p, chunk), flat=True, small_m=kg <= 16)
+    choice = tuning.LaunchConfig("conv2d_weight_grad", m=kg, n=crs, k=min(p, chunk), flat=True,
+                                 small_m=kg <= tuning.SMALL_M)
 
     def launch(cfg, dot, grad, x, grad_w) -> None:
         ws = torch.empty((splits, k, crs), dtype=ws_dtype, device=grad_w.device) if splits > 1 else None

@@ -84,7 +84,7 @@ def linear_launcher(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, act: st
     strides = (*a.stride(), *b.stride(), *out.stride())
     reduce_strides = (out.stride(0), out.stride(1), 0, 0)
     layout = ("k" if a.stride(1) == 1 else "m") + ("k" if b.stride(1) == 1 else "n")
-    choice = tuning.LaunchConfig("linear", m=m, n=n, k=min(k, chunk), small_m=m <= 16)
+    choice = tuning.LaunchConfig("linear", m=m, n=n, k=min(k, chunk), small_m=m <= tuning.SMALL_M)
 
     def launch(cfg, dot, a, b, bias, out) -> None:
         ws = torch.empty((splits, m, n), dtype=ws_dtype, device=out.device) if splits > 1 else None

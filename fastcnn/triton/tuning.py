@@ -49,6 +49,10 @@ class Config(NamedTuple):
 
 # Flattened (r, s, c) K loops miscompiled with num_warps >= 8 (pytorch issue #173068).
 FLAT_MAX_WARPS = 4
+# A table entry serves the same shape at another batch up to this ratio either way.
+NEAREST_BATCH_RATIO = 4
+# GEMMs of at most this many rows take the small-M configs.
+SMALL_M = 16
 
 _TENSOR_CORE_CONFIGS = [
     Config(64, 64, 32, 2, 4), Config(64, 128, 32, 3, 4), Config(128, 64, 32, 3, 4),
@@ -117,7 +121,7 @@ def default_config(dtype: torch.dtype, m: int, n: int, k: int, *, interpreting: 
         return Config(fit(m, 16, 256), fit(n, 16, 64), fit(k, 16, 64), 1, 4)
     if dtype == torch.float64:
         return _FP64_CONFIGS[0]
-    if m <= 16:
+    if m <= SMALL_M:
         c = _SMALL_M_CONFIGS[0]
     elif dtype == torch.float32:
         c = Config(64, 64, 32, 3, 4)
@@ -250,7 +254,8 @@ class Tuner:
         """A layer's best config hardly moves with the batch once the tiles are full, and
         the table is tuned at one batch: the entry whose key differs only in its first
         field (the batch of a conv, the rows of a GEMM), nearest to it on a log scale
-        (the larger batch on a tie); None if there is none."""
+        (the larger batch on a tie), within NEAREST_BATCH_RATIO either way and on the
+        same side of SMALL_M (few rows take other tiles); None if there is none."""
         head, sep, rest = key.partition("x")
         if not sep or not head.isdigit() or int(head) <= 0:
             return None
@@ -260,6 +265,10 @@ class Tuner:
             for entry, config in source.get(kernel, {}).items():
                 other = entry[:-len(suffix)] if entry.endswith(suffix) else ""
                 if not other.isdigit() or int(other) <= 0 or shared_memory_bytes(config, dtype) > self.shared_memory:
+                    continue
+                ratio = int(other) / batch
+                if not 1 / NEAREST_BATCH_RATIO <= ratio <= NEAREST_BATCH_RATIO or \
+                        (int(other) <= SMALL_M) != (batch <= SMALL_M):
                     continue
                 rank = (abs(math.log2(int(other) / batch)), -int(other), config)
                 if best is None or rank[:2] < best[:2]:
