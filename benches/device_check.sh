@@ -18,6 +18,7 @@
 #   nets       the networks' inference, batch 256, float16, against eager
 #   compile    ResNet-50 inference against eager and torch.compile
 #   layers     every conv/FC layer of $DEVICE_LAYER_NETS (default all), float16, forward
+#   kernels    the memory-bound ops' cases (--kernels --quick): bandwidth against the copy
 # $DEVICE_BACKENDS (default: every GPU backend) limits the benchmarks' backends.
 # The CPU module is not built (FASTCNN_CPU=0). CUDA objects compiled beforehand by the
 # same nvcc can be carried in build/temp.linux-x86_64-cpython-3XX/cuda with a stamp of
@@ -117,6 +118,13 @@ if wants layers; then
     ${BACKEND_ARGS[@]+"${BACKEND_ARGS[@]}"} --json "$OUT_DIR/layers-fwd.json" --markdown "$OUT_DIR/layers-fwd.md" \
     >"$LOGS/layers.log" 2>&1 || status=1
   tail -25 "$OUT_DIR/layers-fwd.md" 2>/dev/null || tail -20 "$LOGS/layers.log"
+fi
+
+if wants kernels; then
+  phase "the ops' cases, quick: bandwidth as a fraction of the measured copy"
+  timeout -s INT -k 10 "$(budget 90)" "$PY" -m fastcnn bench --kernels --quick ${BACKEND_ARGS[@]+"${BACKEND_ARGS[@]}"} \
+    --json "$OUT_DIR/kernels.json" --markdown "$OUT_DIR/kernels.md" >"$LOGS/kernels.log" 2>&1 || status=1
+  tail -25 "$OUT_DIR/kernels.md" 2>/dev/null || tail -20 "$LOGS/kernels.log"
 fi
 
 phase "done, status $status"
