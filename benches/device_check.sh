@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One run on a machine with an NVIDIA GPU: build fastcnn's CUDA module in place, run the
-# GPU tests, compute-sanitizer over the cuda backend, and the benchmarks; leave logs
-# (packed into logs.tgz) and results in the folder given as $1. That machine has no
-# network and already has torch, Triton, pybind11, pytest, pytest-xdist and
-# pytest-benchmark.
+# GPU tests, compute-sanitizer over the cuda backend, and the benchmarks; leave logs and
+# results packed in one archive, device-check.tgz, in the folder given as $1. That
+# machine has no network and already has torch, Triton, pybind11, pytest, pytest-xdist
+# and pytest-benchmark.
 #
 #   benches/device_check.sh OUT [SECONDS] [PHASES]
 #
@@ -14,7 +14,7 @@
 #   sanitize   compute-sanitizer memcheck of the cuda backend ($DEVICE_SANITIZE dtypes)
 #   tune       benches/tune_triton.py on $DEVICE_TUNE_NETS (default resnet50), float16,
 #              forward kernels, 6 candidates each: the table it writes (also copied to
-#              OUT) is what the later phases of the run use
+#              results/) is what the later phases of the run use
 #   nets       the networks' inference, batch 256, float16, against eager
 #   compile    ResNet-50 inference against eager and torch.compile
 #   layers     every conv/FC layer of $DEVICE_LAYER_NETS (default all), float16, forward
@@ -30,8 +30,11 @@ set -uo pipefail
 OUT_DIR="${1:?usage: benches/device_check.sh OUTPUT_DIR [SECONDS] [PHASES]}"
 BUDGET="${2:-450}"
 PHASES="${3:-tests sanitize nets}"
+# Everything lands in one archive (a lent machine hands back only a few files):
+# logs/ and results/ (the benchmarks' JSON and markdown, a tuned-config table).
 LOGS="$OUT_DIR/logs"
-mkdir -p "$LOGS"
+RESULTS="$OUT_DIR/results"
+mkdir -p "$LOGS" "$RESULTS"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 # No run-time tuning: it would compile every candidate config for every new shape.
@@ -47,7 +50,7 @@ left() { echo $((BUDGET - (SECONDS - START))); }
 budget() { local l; l=$(left); (( l < $1 )) && echo $((l > 5 ? l - 5 : 1)) || echo "$1"; }
 phase() { echo "== $1 (t=$((SECONDS - START)) s)"; }
 wants() { [[ " $PHASES " == *" $1 "* ]]; }
-pack() { tar czf "$OUT_DIR/logs.tgz" -C "$LOGS" . 2>/dev/null && rm -rf "$LOGS"; }
+pack() { tar czf "$OUT_DIR/device-check.tgz" -C "$OUT_DIR" logs results 2>/dev/null && rm -rf "$LOGS" "$RESULTS"; }
 trap pack EXIT
 
 phase "machine"
@@ -91,23 +94,23 @@ if wants tune; then
     --kernels conv2d_forward linear --max-configs 6 --deadline $((limit > 90 ? limit - 60 : limit / 2)) \
     >"$LOGS/tune.log" 2>&1 || status=1
   tail -3 "$LOGS/tune.log"
-  cp fastcnn/triton/tuned/*.json "$OUT_DIR/" 2>/dev/null
+  cp fastcnn/triton/tuned/*.json "$RESULTS/" 2>/dev/null
 fi
 
 if wants nets; then
   phase "the networks, inference, batch 256, float16: eager and fastcnn"
   timeout -s INT -k 10 "$(budget 120)" "$PY" -m fastcnn bench --nets resnet50 lenet5 alexnet vgg16 resnet18 googlenet \
     --mode infer --dtype float16 --no-compile ${BACKEND_ARGS[@]+"${BACKEND_ARGS[@]}"} \
-    --json "$OUT_DIR/networks-infer.json" --markdown "$OUT_DIR/networks-infer.md" >"$LOGS/networks.log" 2>&1 || status=1
-  cat "$OUT_DIR/networks-infer.md" 2>/dev/null || tail -20 "$LOGS/networks.log"
+    --json "$RESULTS/networks-infer.json" --markdown "$RESULTS/networks-infer.md" >"$LOGS/networks.log" 2>&1 || status=1
+  cat "$RESULTS/networks-infer.md" 2>/dev/null || tail -20 "$LOGS/networks.log"
 fi
 
 if wants compile; then
   phase "ResNet-50 inference, batch 256, float16: eager, torch.compile, fastcnn"
   timeout -s INT -k 10 "$(budget 120)" "$PY" -m fastcnn bench --nets resnet50 --mode infer --dtype float16 \
-    ${BACKEND_ARGS[@]+"${BACKEND_ARGS[@]}"} --json "$OUT_DIR/resnet50-compile.json" --markdown "$OUT_DIR/resnet50-compile.md" \
+    ${BACKEND_ARGS[@]+"${BACKEND_ARGS[@]}"} --json "$RESULTS/resnet50-compile.json" --markdown "$RESULTS/resnet50-compile.md" \
     >"$LOGS/resnet50-compile.log" 2>&1 || status=1
-  cat "$OUT_DIR/resnet50-compile.md" 2>/dev/null || tail -20 "$LOGS/resnet50-compile.log"
+  cat "$RESULTS/resnet50-compile.md" 2>/dev/null || tail -20 "$LOGS/resnet50-compile.log"
 fi
 
 if wants layers; then
@@ -115,16 +118,16 @@ if wants layers; then
   NET_ARGS=()
   [[ -n "${DEVICE_LAYER_NETS:-}" ]] && NET_ARGS=(--nets $DEVICE_LAYER_NETS)
   timeout -s INT -k 10 "$(budget 150)" "$PY" -m fastcnn bench --layers --dtype float16 ${NET_ARGS[@]+"${NET_ARGS[@]}"} \
-    ${BACKEND_ARGS[@]+"${BACKEND_ARGS[@]}"} --json "$OUT_DIR/layers-fwd.json" --markdown "$OUT_DIR/layers-fwd.md" \
+    ${BACKEND_ARGS[@]+"${BACKEND_ARGS[@]}"} --json "$RESULTS/layers-fwd.json" --markdown "$RESULTS/layers-fwd.md" \
     >"$LOGS/layers.log" 2>&1 || status=1
-  tail -25 "$OUT_DIR/layers-fwd.md" 2>/dev/null || tail -20 "$LOGS/layers.log"
+  tail -25 "$RESULTS/layers-fwd.md" 2>/dev/null || tail -20 "$LOGS/layers.log"
 fi
 
 if wants kernels; then
   phase "the ops' cases, quick: bandwidth as a fraction of the measured copy"
   timeout -s INT -k 10 "$(budget 90)" "$PY" -m fastcnn bench --kernels --quick ${BACKEND_ARGS[@]+"${BACKEND_ARGS[@]}"} \
-    --json "$OUT_DIR/kernels.json" --markdown "$OUT_DIR/kernels.md" >"$LOGS/kernels.log" 2>&1 || status=1
-  tail -25 "$OUT_DIR/kernels.md" 2>/dev/null || tail -20 "$LOGS/kernels.log"
+    --json "$RESULTS/kernels.json" --markdown "$RESULTS/kernels.md" >"$LOGS/kernels.log" 2>&1 || status=1
+  tail -25 "$RESULTS/kernels.md" 2>/dev/null || tail -20 "$LOGS/kernels.log"
 fi
 
 phase "done, status $status"
