@@ -424,12 +424,18 @@ def _bind_backward(grad_op, params):
     return launch
 
 
+def _gradient_geometry(kernel: str, params, out_size, other_shape) -> list[int]:
+    """The geometry of a gradient op: its output is the image (input gradient) or the
+    kernel (weight gradient), the other operand the weight or the input."""
+    image, kernel_shape = (out_size, other_shape) if kernel == "conv2d_input_grad" else (other_shape, out_size)
+    return geometry(params, image, kernel_shape)
+
+
 def _bind_cpu_backward(kernel: str, grad, other, out_size, out_format, params):
     """A CPU gradient launch (grad, other, out) with geometry, strides and dtype bound
     (other: the weight for the input gradient, the input for the weight gradient)."""
     module = _native.load("_cpu")
-    image, kernel_shape = (out_size, other.shape) if kernel == "conv2d_input_grad" else (other.shape, out_size)
-    geom, code = geometry(params, image, kernel_shape), _native.DTYPE_CODES[grad.dtype]
+    geom, code = _gradient_geometry(kernel, params, out_size, other.shape), _native.DTYPE_CODES[grad.dtype]
     g_stride, o_stride = list(grad.stride()), list(other.stride())
     out_stride = list(torch.empty(out_size, device="meta", memory_format=out_format).stride())
     native = getattr(module, kernel)
@@ -443,10 +449,9 @@ def _bind_triton_backward(kernel: str, grad, other, out_size, out_format, params
     """A Triton gradient launch (grad, other, out), planned once for tensors like these
     (fastcnn/triton/conv2d.py's *_launcher; arguments as _bind_cpu_backward's)."""
     from fastcnn.triton import conv2d as kernels
-    image, kernel_shape = (out_size, other.shape) if kernel == "conv2d_input_grad" else (other.shape, out_size)
     like_out = torch.empty(out_size, dtype=grad.dtype, device="meta", memory_format=out_format)
     make = kernels.input_grad_launcher if kernel == "conv2d_input_grad" else kernels.weight_grad_launcher
-    plan = make(grad, other, like_out, geometry(params, image, kernel_shape))
+    plan = make(grad, other, like_out, _gradient_geometry(kernel, params, out_size, other.shape))
     return bound_triton(grad.device, lambda g, o, out: plan(g, o, out, conv_allows_tf32()))
 
 

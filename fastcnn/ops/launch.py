@@ -30,12 +30,17 @@ def _on_tensor_device(launch):
     @functools.wraps(launch)
     def run(*args):
         device = _device_of(args)
-        # The switch costs more than the check: only where the tensors' device is not current.
-        if device is None or device.type != "cuda" or device.index == torch.cuda.current_device():
-            return launch(*args)
-        with torch.cuda.device(device):
-            return launch(*args)
+        return _run_on(device.index if device is not None and device.type == "cuda" else None, launch, args)
     return run
+
+
+def _run_on(index: int | None, launch, args):
+    """launch(*args) with CUDA device `index` current (None: not a CUDA launch). The
+    switch costs more than the check: only where that device is not the current one."""
+    if index is None or torch.cuda.current_device() == index:
+        return launch(*args)
+    with torch.cuda.device(index):
+        return launch(*args)
 
 
 def _eager_triton(launch):
@@ -50,16 +55,12 @@ def _eager_triton(launch):
 
 def bound_triton(device: torch.device, launch):
     """A Triton launch for tensors on `device` (a prepared call's): run(*args) as the
-    triton entries of backend_table run it, switching devices only where `device` is
-    not the current one (the switch costs more than the check)."""
+    triton entries of backend_table run it, with `device` current."""
     index = device.index if device.type == "cuda" else None
 
     def run(*args):
         with set_wrap_triton_enabled(False):
-            if index is None or torch.cuda.current_device() == index:
-                return launch(*args)
-            with torch.cuda.device(index):
-                return launch(*args)
+            return _run_on(index, launch, args)
     return run
 
 

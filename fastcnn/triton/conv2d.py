@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from fastcnn.ops.precision import acc_dtype as workspace_dtype  # split sums are kept in the accumulation dtype
 from fastcnn.triton import tuning
 from fastcnn.triton.common import acc_dtype, act_code, apply_act, cdiv
 
@@ -536,7 +537,6 @@ def weight_grad_launcher(grad: torch.Tensor, x: torch.Tensor, grad_w: torch.Tens
     p = nb * oh * ow
     splits, chunk = weight_grad_splits(geometry)
     acc = acc_dtype(grad_w.dtype)
-    ws_dtype = torch.float64 if grad_w.dtype == torch.float64 else torch.float32
     idx64 = needs_int64(grad, x, grad_w, extra=max(p, splits * k * crs if splits > 1 else 0) + 256)
     args = (nb, h, w, oh, ow, cg, kg, k, r, s, sh, sw, ph, pw, dh, dw, splits, chunk,
             *grad.stride(), *x.stride(), *grad_w.stride())
@@ -546,7 +546,8 @@ def weight_grad_launcher(grad: torch.Tensor, x: torch.Tensor, grad_w: torch.Tens
                                  small_m=kg <= tuning.SMALL_M)
 
     def launch(cfg, dot, grad, x, grad_w) -> None:
-        ws = torch.empty((splits, k, crs), dtype=ws_dtype, device=grad_w.device) if splits > 1 else None
+        ws = (torch.empty((splits, k, crs), dtype=workspace_dtype(grad_w.dtype), device=grad_w.device)
+              if splits > 1 else None)
         grid = (cdiv(kg, cfg.block_m), cdiv(crs, cfg.block_n), groups * splits)
         wrap_triton(conv2d_weight_grad_kernel)[grid](
             grad, x, ws if ws is not None else grad_w, *args,

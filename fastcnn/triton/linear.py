@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
+from fastcnn.ops.precision import acc_dtype as workspace_dtype  # split sums are kept in the accumulation dtype
 from fastcnn.triton import tuning
 from fastcnn.triton.common import acc_dtype, act_code, apply_act, cdiv
 from fastcnn.triton.conv2d import DOT_TF32, dot_mode, mma, needs_int64, reduce_splits, split_chunk, swizzled_tile
@@ -78,7 +79,6 @@ def linear_launcher(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, act: st
     n = b.shape[0]
     splits, chunk = linear_splits(m, n, k)
     acc, act_c = acc_dtype(out.dtype), act_code(act)
-    ws_dtype = torch.float64 if out.dtype == torch.float64 else torch.float32
     ws_reach = splits * m * n if splits > 1 else 0
     idx64 = needs_int64(a, b, out, extra=max(m, n, k, ws_reach) + 256)
     strides = (*a.stride(), *b.stride(), *out.stride())
@@ -87,7 +87,7 @@ def linear_launcher(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, act: st
     choice = tuning.LaunchConfig("linear", m=m, n=n, k=min(k, chunk), small_m=m <= tuning.SMALL_M)
 
     def launch(cfg, dot, a, b, bias, out) -> None:
-        ws = torch.empty((splits, m, n), dtype=ws_dtype, device=out.device) if splits > 1 else None
+        ws = torch.empty((splits, m, n), dtype=workspace_dtype(out.dtype), device=out.device) if splits > 1 else None
         grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n), 1, splits)
         wrap_triton(linear_kernel)[grid](
             a, b, bias if bias is not None else out, ws if ws is not None else out, m, n, k, chunk, *strides,

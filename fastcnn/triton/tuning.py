@@ -263,14 +263,13 @@ class Tuner:
         best: tuple[float, int, Config] | None = None
         for source in (self._table, self._cache):
             for entry, config in source.get(kernel, {}).items():
-                other = entry[:-len(suffix)] if entry.endswith(suffix) else ""
-                if not other.isdigit() or int(other) <= 0 or shared_memory_bytes(config, dtype) > self.shared_memory:
+                head = entry[:-len(suffix)] if entry.endswith(suffix) else ""
+                other = int(head) if head.isdigit() else 0
+                if not 1 / NEAREST_BATCH_RATIO <= other / batch <= NEAREST_BATCH_RATIO or \
+                        (other <= SMALL_M) != (batch <= SMALL_M) or \
+                        shared_memory_bytes(config, dtype) > self.shared_memory:
                     continue
-                ratio = int(other) / batch
-                if not 1 / NEAREST_BATCH_RATIO <= ratio <= NEAREST_BATCH_RATIO or \
-                        (int(other) <= SMALL_M) != (batch <= SMALL_M):
-                    continue
-                rank = (abs(math.log2(int(other) / batch)), -int(other), config)
+                rank = (abs(math.log2(other / batch)), -other, config)
                 if best is None or rank[:2] < best[:2]:
                     best = rank
             if best is not None:
