@@ -25,7 +25,7 @@ build: setup
 	$(PY) setup.py --quiet build_ext --inplace
 
 test: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n auto
 
 bench: setup
 	$(PY) -m fastcnn bench

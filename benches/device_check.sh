@@ -15,6 +15,8 @@
 #   tune       benches/tune_triton.py on $DEVICE_TUNE_NETS (default resnet50), float16,
 #              forward kernels, 6 candidates each: the table it writes (also copied to
 #              results/) is what the later phases of the run use
+#   host       benches/host_profile.py: a few layers' host time, kernel time and kernels
+#              per call, fastcnn against eager, and the host's hottest functions
 #   nets       the networks' inference, batch 256, float16, against eager
 #   compile    ResNet-50 inference against eager and torch.compile
 #   layers     every conv/FC layer of $DEVICE_LAYER_NETS (default all), float16, forward
@@ -95,6 +97,13 @@ if wants tune; then
     >"$LOGS/tune.log" 2>&1 || status=1
   tail -3 "$LOGS/tune.log"
   cp fastcnn/triton/tuned/*.json "$RESULTS/" 2>/dev/null
+fi
+
+if wants host; then
+  phase "host time against kernel time per call, a few layers, float16"
+  timeout -s INT -k 10 "$(budget 60)" "$PY" benches/host_profile.py "$RESULTS" ${DEVICE_BACKENDS:+--backend ${DEVICE_BACKENDS%% *}} \
+    >"$LOGS/host.log" 2>&1 || status=1
+  cat "$LOGS/host.log" | tail -12
 fi
 
 if wants nets; then

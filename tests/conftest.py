@@ -18,6 +18,28 @@ import pytest  # noqa: E402
 import fastcnn  # noqa: E402
 from fastcnn import backends  # noqa: E402
 
+
+def pytest_configure(config):
+    """Under pytest-xdist (`-n N`, as `make test` runs), each of the N workers gets an
+    equal share of the cores for its OpenMP threads (torch's and fastcnn._cpu's):
+    two workers each spinning up a thread per core run the suite slower than one
+    process. Set before the workers start, so they read it when their runtimes start;
+    an OMP_NUM_THREADS already set is kept. Tests of thread-count independence set
+    their own counts."""
+    workers = getattr(config.option, "numprocesses", None)
+    if workers == "auto":
+        workers = os.cpu_count()
+    if workers and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(workers)))
+
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `heavy` (minutes under valgrind, a compiler or two processes) run
+    first: a worker of `pytest -n` that picks one up near the end would keep the
+    whole suite waiting for it."""
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
+
 # One table of tolerances for every test: (rtol, atol) per dtype.
 TOLERANCES = {
     torch.float64: (1e-10, 1e-12),

@@ -16,6 +16,7 @@ NVCC = shutil.which("nvcc")
 
 
 @pytest.mark.skipif(NVCC is None, reason="needs nvcc (the host model is CUDA C++ compiled as host code)")
+@pytest.mark.heavy
 def test_cuda_gemm_core_on_the_cpu(tmp_path):
     program = tmp_path / "implicit_gemm_host_model"
     build = subprocess.run([NVCC, "-std=c++17", "-O1", "--expt-relaxed-constexpr",

@@ -86,6 +86,7 @@ SCRIPT = textwrap.dedent("""
 """)
 
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+@pytest.mark.heavy
 def test_cpu_kernels_stay_in_bounds(tmp_path):
     if "cpu" not in fastcnn.available_backends("cpu"):
         pytest.skip("fastcnn._cpu is not built")

@@ -81,6 +81,7 @@ RANK_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.heavy
 def test_two_ddp_processes_match_one_process_with_twice_the_batch(tmp_path):
     script = tmp_path / "train_and_save.py"
     script.write_text(RANK_SCRIPT)

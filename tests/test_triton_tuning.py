@@ -340,3 +340,40 @@ def test_prepared_triton_conv_keeps_the_table_config(tmp_path, monkeypatch):
             assert len(lookups) == 2
     finally:
         tuning.set_tuner(device, previous)
+
+
+def test_prepared_triton_conv_keeps_the_default_where_nothing_is_timed(tmp_path, monkeypatch):
+    """With no table entry and nothing that may ever be timed (the interpreter here;
+    FASTCNN_TRITON_TUNE=0 on a GPU), a prepared call settles on the default once: one
+    lookup, then none."""
+    import fastcnn
+    from fastcnn import functional as F
+    device = torch.device("cpu")  # the interpreter
+    x = torch.randn(2, 5, 9, 7).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(6, 5, 3, 3).contiguous(memory_format=torch.channels_last)
+    b = torch.randn(6)
+    lookups = []
+    real_lookup = Tuner.lookup
+    monkeypatch.setattr(Tuner, "lookup", lambda self, *a: lookups.append(a) or real_lookup(self, *a))
+    previous = tuning.tuner_for(device)
+    expected = torch.relu(torch.nn.functional.conv2d(x, w, b, padding=1))
+    try:
+        tuning.set_tuner(device, make_tuner(tmp_path, table={"configs": {}}, interpreting=True))
+        with fastcnn.use_backend("triton"), torch.no_grad():
+            torch.testing.assert_close(F.conv2d(x, w, b, padding=1, act="relu"), expected)
+            settled = len(lookups)
+            assert settled >= 1
+            for _ in range(3):
+                torch.testing.assert_close(F.conv2d(x, w, b, padding=1, act="relu"), expected)
+            assert len(lookups) == settled
+    finally:
+        tuning.set_tuner(device, previous)
+
+
+def test_never_times_follows_the_interpreter_and_the_environment(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.delenv("FASTCNN_TRITON_TUNE", raising=False)
+    assert not tuning.never_times(torch.device("cuda", 0))
+    assert tuning.never_times(torch.device("cpu"))
+    monkeypatch.setenv("FASTCNN_TRITON_TUNE", "0")
+    assert tuning.never_times(torch.device("cuda", 0))

@@ -356,6 +356,12 @@ def set_tuner(device: torch.device, tuner: Tuner) -> None:
         _tuners[device.index if device.index is not None else torch.cuda.current_device()] = tuner
 
 
+def never_times(device: torch.device) -> bool:
+    """True where choose() cannot time anything for the rest of the process: the
+    interpreter, or FASTCNN_TRITON_TUNE=0 (read when a launcher first chooses)."""
+    return interpreting(device) or os.environ.get("FASTCNN_TRITON_TUNE", "1") == "0"
+
+
 def may_time(*tensors: torch.Tensor | None) -> bool:
     """False while torch.compile traces (fake or functional tensors) or a CUDA graph is captured."""
     from torch._subclasses.fake_tensor import is_fake
@@ -378,7 +384,9 @@ def lookup(kernel: str, key: str, dtype: torch.dtype, device: torch.device, *, f
 class LaunchConfig:
     """The config of a launcher that serves tensors of one signature (a prepared call's):
     from the table or the cache (lookup) as soon as either has it, then kept, per dot
-    mode (TF32 can be switched between calls); until then choose(), which may time."""
+    mode (TF32 can be switched between calls); until then choose(), which may time.
+    Where nothing can ever be timed (the interpreter, FASTCNN_TRITON_TUNE=0) the
+    default is kept too: looking it up again on every call cost ~20 us of host time."""
 
     def __init__(self, kernel: str, *, m: int, n: int, k: int, flat: bool = False, small_m: bool = False):
         self.kernel, self.m, self.n, self.k, self.flat, self.small_m = kernel, m, n, k, flat, small_m
@@ -394,6 +402,10 @@ class LaunchConfig:
         config = lookup(self.kernel, key, dtype, device, flat=self.flat)
         if config is not None:
             self._settled[dot] = config
+            return config
+        if never_times(device):
+            config = self._settled[dot] = choose(self.kernel, key, dtype, device, run, tensors, m=self.m, n=self.n,
+                                                 k=self.k, flat=self.flat, small_m=self.small_m)
             return config
         return choose(self.kernel, key, dtype, device, run, tensors, m=self.m, n=self.n, k=self.k, flat=self.flat,
                       small_m=self.small_m)
