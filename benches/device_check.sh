@@ -20,6 +20,8 @@
 #   nets       the networks' inference, batch 256, float16, against eager
 #   compile    ResNet-50 inference against eager and torch.compile
 #   layers     every conv/FC layer of $DEVICE_LAYER_NETS (default all), float16, forward
+#   backward   the same layers forward + backward (issue 3's 0.8x target), of
+#              $DEVICE_BACKWARD_NETS (default resnet50)
 #   kernels    the memory-bound ops' cases (--kernels --quick): bandwidth against the copy
 # $DEVICE_BACKENDS (default: every GPU backend) limits the benchmarks' backends.
 # The CPU module is not built (FASTCNN_CPU=0). CUDA objects compiled beforehand by the
@@ -130,6 +132,14 @@ if wants layers; then
     ${BACKEND_ARGS[@]+"${BACKEND_ARGS[@]}"} --json "$RESULTS/layers-fwd.json" --markdown "$RESULTS/layers-fwd.md" \
     >"$LOGS/layers.log" 2>&1 || status=1
   tail -25 "$RESULTS/layers-fwd.md" 2>/dev/null || tail -20 "$LOGS/layers.log"
+fi
+
+if wants backward; then
+  phase "conv and FC layers of ${DEVICE_BACKWARD_NETS:-resnet50}, float16, channels_last, forward + backward"
+  timeout -s INT -k 10 "$(budget 120)" "$PY" -m fastcnn bench --layers --backward --dtype float16 \
+    --nets ${DEVICE_BACKWARD_NETS:-resnet50} ${BACKEND_ARGS[@]+"${BACKEND_ARGS[@]}"} \
+    --json "$RESULTS/layers-fwd-bwd.json" --markdown "$RESULTS/layers-fwd-bwd.md" >"$LOGS/layers-bwd.log" 2>&1 || status=1
+  tail -25 "$RESULTS/layers-fwd-bwd.md" 2>/dev/null || tail -20 "$LOGS/layers-bwd.log"
 fi
 
 if wants kernels; then
