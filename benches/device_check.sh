@@ -18,6 +18,8 @@
 #   host       benches/host_profile.py: a few layers' host time, kernel time and kernels
 #              per call, fastcnn against eager, and the host's hottest functions
 #   nets       the networks' inference, batch 256, float16, against eager
+#   graphs     the same with every contender replayed from a CUDA graph (kernels
+#              without the host's per-op cost; fastcnn's output checked from a replay)
 #   compile    ResNet-50 inference against eager and torch.compile
 #   layers     every conv/FC layer of $DEVICE_LAYER_NETS (default all), float16, forward
 #   backward   the same layers forward + backward (issue 3's 0.8x target), of
@@ -114,6 +116,15 @@ if wants nets; then
     --mode infer --dtype float16 --no-compile ${BACKEND_ARGS[@]+"${BACKEND_ARGS[@]}"} \
     --json "$RESULTS/networks-infer.json" --markdown "$RESULTS/networks-infer.md" >"$LOGS/networks.log" 2>&1 || status=1
   cat "$RESULTS/networks-infer.md" 2>/dev/null || tail -20 "$LOGS/networks.log"
+fi
+
+if wants graphs; then
+  phase "the networks, inference, batch 256, float16, replayed from CUDA graphs"
+  timeout -s INT -k 10 "$(budget 120)" "$PY" -m fastcnn bench --nets resnet50 lenet5 alexnet vgg16 resnet18 googlenet \
+    --mode infer --dtype float16 --no-compile --cuda-graphs ${BACKEND_ARGS[@]+"${BACKEND_ARGS[@]}"} \
+    --json "$RESULTS/networks-infer-graphs.json" --markdown "$RESULTS/networks-infer-graphs.md" \
+    >"$LOGS/networks-graphs.log" 2>&1 || status=1
+  cat "$RESULTS/networks-infer-graphs.md" 2>/dev/null || tail -20 "$LOGS/networks-graphs.log"
 fi
 
 if wants compile; then

@@ -40,6 +40,9 @@ def parse_args(argv):
     bench.add_argument("--autocast", action="store_true",
                        help="networks: float32 weights and inputs, each call under torch.autocast in --dtype "
                             "(default then float16 on a GPU, bfloat16 on the CPU): mixed precision")
+    bench.add_argument("--cuda-graphs", action="store_true",
+                       help="networks, inference on a GPU: every contender captured once in a CUDA graph and "
+                            "replayed (the kernels' time without the host's per-op cost)")
     bench.add_argument("--plot", default=None, help="networks: write a bar chart of the speedups here (PNG)")
     bench.add_argument("--backward", action="store_true", help="with --layers: time forward + backward")
     bench.add_argument("--nchw", action="store_true", help="with --layers: NCHW instead of channels_last")
@@ -98,12 +101,15 @@ def bench_networks(args, device, dtype, console) -> int:
     from fastcnn.bench import networks, runner
 
     backends = args.backends or runner.benchmark_backends(device)
+    if args.cuda_graphs and (device.type != "cuda" or args.mode == "train"):
+        raise SystemExit("fastcnn bench: --cuda-graphs times inference on a CUDA device only "
+                         f"(device {device}, mode {args.mode or 'infer'})")
     console.print(f"[bold]fastcnn bench[/bold]: networks on {runner.describe(device)}; backends: "
                   f"{', '.join(backends)}; dtype {dtype}")
     rows = networks.run(device, dtype, nets=args.nets, batches=args.batch,
                         modes=[args.mode] if args.mode else None, backends=backends,
                         with_compile=False if args.no_compile else (True if args.compile else None),
-                        autocast=args.autocast, console=console)
+                        autocast=args.autocast, console=console, cuda_graphs=args.cuda_graphs)
     console.print(networks.table(rows, f"images per second: fastcnn vs eager PyTorch and torch.compile, {dtype}"))
     for line in networks.summary_lines(rows):
         console.print(line, markup=False)

@@ -104,3 +104,22 @@ def test_cli_runs_lenet5(tmp_path, capsys):
     assert code == 0
     assert "lenet5" in capsys.readouterr().out
     assert len(json.loads((tmp_path / "r.json").read_text())["rows"]) == 2
+
+
+def test_cuda_graphs_refused_where_they_cannot_run():
+    """CUDA graphs time inference on a GPU only: the CPU and training are refused by name."""
+    from fastcnn.bench import graphs
+    with pytest.raises(ValueError, match="CUDA device"):
+        networks.run(CPU, torch.float32, nets=["lenet5"], backends=["cpu"], cuda_graphs=True)
+    with pytest.raises(ValueError, match="inference only"):
+        networks.run_network("lenet5", "train", 1, torch.float32, CPU, "cpu", False, cuda_graphs=True)
+    with pytest.raises(ValueError, match="CUDA device"):
+        graphs.capture(lambda: None, CPU)
+    with pytest.raises(SystemExit, match="--cuda-graphs"):
+        cli.main(["bench", "--nets", "lenet5", "--cuda-graphs", "--device", "cpu"])
+
+
+def test_cuda_graphs_column_marks_the_mode():
+    row = networks.NetRow("lenet5", "infer", 8, "float16", "triton", 1.0, 2.0, "channels_last", None, True,
+                          cuda_graphs=True)
+    assert "infer (CUDA graphs)" in networks.markdown([row], "test")

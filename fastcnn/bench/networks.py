@@ -27,6 +27,7 @@ from torch import nn
 
 import fastcnn
 from fastcnn import models
+from fastcnn.bench import graphs
 from fastcnn.bench.timing import time_ms, time_ms_interleaved
 from fastcnn.models import reference
 
@@ -61,6 +62,7 @@ class NetRow:
     eager_layout: str  # "nchw" or "channels_last"
     compile_ms: float | None
     matches_eager: bool
+    cuda_graphs: bool = False  # every contender captured once and replayed (bench/graphs.py)
 
     @property
     def images_per_s(self) -> float:
@@ -160,30 +162,37 @@ def first_result(fn):
 
 
 def run_network(net: str, mode: str, batch: int, dtype: torch.dtype, device: torch.device, backend: str,
-                with_compile: bool, autocast: bool = False) -> NetRow:
+                with_compile: bool, autocast: bool = False, cuda_graphs: bool = False) -> NetRow:
     """Times fastcnn, eager in both layouts and (with_compile) torch.compile in
     interleaved rounds (timing.time_ms_interleaved): about a second each, 5 to 200
     samples (a batch-1 LeNet-5 call takes ~0.2 ms on a CPU, a batch-8 VGG-16 call
-    seconds; with 3, one slow spell of the machine could move a median by 2x)."""
+    seconds; with 3, one slow spell of the machine could move a median by 2x).
+    cuda_graphs (inference on a GPU): every contender is captured in a CUDA graph and
+    replayed, and fastcnn's output is checked from a replay."""
+    if cuda_graphs and mode != "infer":
+        raise ValueError(f"cuda_graphs: inference only, not {mode!r}")
+    graphed = (lambda fn: graphs.capture(fn, device)) if cuda_graphs else (lambda fn: fn)
     w = workload(net, mode, batch, dtype, device, autocast)
     eager = {layout: contender(w, "eager", channels_last=layout == "channels_last")
              for layout in ("nchw", "channels_last")}
-    expected = first_result(eager["nchw"])
+    expected = first_result(eager["nchw"]).clone()
+    eager = {layout: graphed(fn) for layout, fn in eager.items()}
     contenders = {f"eager-{layout}": fn for layout, fn in eager.items()}
     if with_compile:
         # Compiled for the layout eager is faster in, judged by a first quick timing.
         quick = {layout: time_ms(fn, device, warmup=1, repeats=3) for layout, fn in eager.items()}
         compiled = contender(w, "compile", channels_last=min(quick, key=quick.get) == "channels_last")
         time_ms(compiled, device, warmup=1, repeats=1)  # compiles
-        contenders["compile"] = compiled
+        contenders["compile"] = graphed(compiled)
     with fastcnn.use_backend(backend):  # eager and compiled PyTorch run no fastcnn op
-        contenders["fastcnn"] = fn = contender(w, "fastcnn")
+        contenders["fastcnn"] = fn = graphed(contender(w, "fastcnn"))
         got = first_result(fn)
         ms = time_ms_interleaved(contenders, device, min_repeats=5)
     eager_layout = min(eager, key=lambda layout: ms[f"eager-{layout}"])
     dtype_text = str(dtype).removeprefix("torch.") + (" autocast" if autocast else "")
     return NetRow(net, mode, batch, dtype_text, backend, ms["fastcnn"],
-                  ms[f"eager-{eager_layout}"], eager_layout, ms.get("compile"), close(got, expected, dtype))
+                  ms[f"eager-{eager_layout}"], eager_layout, ms.get("compile"), close(got, expected, dtype),
+                  cuda_graphs)
 
 
 def close(got, expected, dtype) -> bool:
@@ -200,11 +209,18 @@ def geomean(values: list[float]) -> float:
 
 def run(device: torch.device, dtype: torch.dtype, *, nets: list[str] | None = None, batches: list[int] | None = None,
         modes: list[str] | None = None, backends: list[str], with_compile: bool | None = None,
-        autocast: bool = False, console: Console | None = None) -> list[NetRow]:
+        autocast: bool = False, console: Console | None = None, cuda_graphs: bool = False) -> list[NetRow]:
     """with_compile: time torch.compile too; None (the default) times it for inference
     everywhere and for training on a GPU only: compiling every network's forward and
     backward graphs is slow on a CPU. autocast: float32 weights and inputs, calls
-    under torch.autocast in `dtype`."""
+    under torch.autocast in `dtype`. cuda_graphs: every contender replayed from a CUDA
+    graph (inference on a GPU; the default modes are then inference only)."""
+    if cuda_graphs:
+        if device.type != "cuda":
+            raise ValueError(f"cuda_graphs needs a CUDA device, got {device}")
+        if modes is not None and "train" in modes:
+            raise ValueError("cuda_graphs times inference only (--mode infer)")
+        modes = ["infer"]
     console = console or Console()
     nets = nets or DEFAULT_NETS
     unknown = [n for n in nets if n not in models.list_models()]
@@ -219,7 +235,7 @@ def run(device: torch.device, dtype: torch.dtype, *, nets: list[str] | None = No
         for net, mode, batch, backend in jobs:
             progress.update(task, description=f"{net} {mode} batch {batch} [{backend}]")
             compile_this = with_compile if with_compile is not None else (mode == "infer" or device.type == "cuda")
-            rows.append(run_network(net, mode, batch, dtype, device, backend, compile_this, autocast))
+            rows.append(run_network(net, mode, batch, dtype, device, backend, compile_this, autocast, cuda_graphs))
             progress.advance(task)
     return rows
 
@@ -237,7 +253,7 @@ COLUMNS = ["net", "mode", "batch", "backend", "fastcnn ms", "images/s", "eager m
 
 
 def _cells(r: NetRow) -> list[str]:
-    return [r.net, r.mode, str(r.batch), r.backend, _ms(r.ms), f"{r.images_per_s:.1f}", _ms(r.eager_ms),
+    return [r.net, r.mode + (" (CUDA graphs)" if r.cuda_graphs else ""), str(r.batch), r.backend, _ms(r.ms), f"{r.images_per_s:.1f}", _ms(r.eager_ms),
             r.eager_layout, _ms(r.compile_ms), _ratio(r.speedup), _ratio(r.speedup_vs_compile),
             "yes" if r.matches_eager else "NO"]
 

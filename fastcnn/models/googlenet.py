@@ -161,13 +161,19 @@ class GoogLeNet(FusableModel):
         self.avgpool = fnn.AdaptiveAvgPool2d((1, 1))
         self.dropout = nn.Dropout(dropout)
         self.fc = fnn.Linear(1024, num_classes)
+        # transform_input's per-channel affine map, as buffers that follow the model to
+        # its device and dtype (not in the state_dict: torchvision's keys stay as they
+        # are); made per call, they were copied to the GPU on every forward.
+        scale, shift = _half_scale_affine()
+        self.register_buffer("input_scale", scale, persistent=False)
+        self.register_buffer("input_shift", shift, persistent=False)
         _init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor | GoogLeNetOutputs:
         """The logits; in training mode with aux_logits, GoogLeNetOutputs(logits,
         aux_logits2, aux_logits1) as torchvision returns them."""
         if self.transform_input:
-            x = _imagenet_to_half_scale(x)
+            x = x * self.input_scale.to(x.dtype) + self.input_shift.to(x.dtype)
         x = self.conv3(self.conv2(self.maxpool1(self.conv1(x))))
         x = self.inception3b(self.inception3a(self.maxpool2(x)))
         x = self.inception4a(self.maxpool3(x))
@@ -186,11 +192,12 @@ _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def _imagenet_to_half_scale(x: Tensor) -> Tensor:
-    """x normalised as (v - mean) / std, rescaled to (v - 0.5) / 0.5 per channel."""
-    scale = torch.tensor([s / 0.5 for s in _IMAGENET_STD], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    shift = torch.tensor([(m - 0.5) / 0.5 for m in _IMAGENET_MEAN], dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
-    return x * scale + shift
+def _half_scale_affine() -> tuple[Tensor, Tensor]:
+    """(scale, shift) per channel that map x normalised as (v - mean) / std to
+    (v - 0.5) / 0.5: x * scale + shift."""
+    scale = torch.tensor([s / 0.5 for s in _IMAGENET_STD]).view(1, 3, 1, 1)
+    shift = torch.tensor([(m - 0.5) / 0.5 for m in _IMAGENET_MEAN]).view(1, 3, 1, 1)
+    return scale, shift
 
 
 def _init_weights(model: nn.Module) -> None:
