@@ -309,6 +309,21 @@ def test_other_batch_of_a_tuned_shape_uses_the_nearest_batch(tmp_path):
     assert roomy.choose("conv2d_forward", f"64{rest}", torch.float16, configs, DEFAULT, timer.run) == big
 
 
+def small_conv_inputs():
+    """(x, w, b) of a small channels_last 3x3 conv, for the prepared-call tests."""
+    x = torch.randn(2, 5, 9, 7).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(6, 5, 3, 3).contiguous(memory_format=torch.channels_last)
+    return x, w, torch.randn(6)
+
+
+def count_lookups(monkeypatch) -> list:
+    """Every Tuner.lookup from here on, as its arguments, in a list."""
+    lookups = []
+    real_lookup = Tuner.lookup
+    monkeypatch.setattr(Tuner, "lookup", lambda self, *a: lookups.append(a) or real_lookup(self, *a))
+    return lookups
+
+
 def test_prepared_triton_conv_keeps_the_table_config(tmp_path, monkeypatch):
     """A prepared Triton conv call takes the table's config on its first call and keeps it
     (no lookups after that), with the same result; a new tuner is consulted afresh."""
@@ -317,15 +332,11 @@ def test_prepared_triton_conv_keeps_the_table_config(tmp_path, monkeypatch):
     from fastcnn.ops.conv_geometry import conv_params, geometry
     from fastcnn.triton import conv2d as triton_conv
     device = torch.device("cpu")  # the interpreter
-    x = torch.randn(2, 5, 9, 7).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(6, 5, 3, 3).contiguous(memory_format=torch.channels_last)
-    b = torch.randn(6)
+    x, w, b = small_conv_inputs()
     geom = geometry(conv_params(x, w, 1, 1, 1, 1), x.shape, w.shape)
     key = triton_conv._key(geom, x, w, triton_conv.dot_mode(x.dtype, False, device))
     table = {"configs": {"conv2d_forward": {f"{key}|float32": [16, 16, 16, 1, 4]}}}
-    lookups = []
-    real_lookup = Tuner.lookup
-    monkeypatch.setattr(Tuner, "lookup", lambda self, *a: lookups.append(a) or real_lookup(self, *a))
+    lookups = count_lookups(monkeypatch)
     previous = tuning.tuner_for(device)
     expected = torch.relu(torch.nn.functional.conv2d(x, w, b, padding=1))
     try:
@@ -349,12 +360,8 @@ def test_prepared_triton_conv_keeps_the_default_where_nothing_is_timed(tmp_path,
     import fastcnn
     from fastcnn import functional as F
     device = torch.device("cpu")  # the interpreter
-    x = torch.randn(2, 5, 9, 7).contiguous(memory_format=torch.channels_last)
-    w = torch.randn(6, 5, 3, 3).contiguous(memory_format=torch.channels_last)
-    b = torch.randn(6)
-    lookups = []
-    real_lookup = Tuner.lookup
-    monkeypatch.setattr(Tuner, "lookup", lambda self, *a: lookups.append(a) or real_lookup(self, *a))
+    x, w, b = small_conv_inputs()
+    lookups = count_lookups(monkeypatch)
     previous = tuning.tuner_for(device)
     expected = torch.relu(torch.nn.functional.conv2d(x, w, b, padding=1))
     try:
