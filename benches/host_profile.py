@@ -127,6 +127,8 @@ def main() -> int:
                         help="layer labels' beginnings, as 'resnet18 layer1 conv1'")
     parser.add_argument("--backend", default=None, help="fastcnn backend (default: the device's)")
     parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], default=None,
+                        help="default float16 on a GPU, float32 on the CPU")
     parser.add_argument("--stub-launch", action="store_true",
                         help="Triton launches do nothing (fastcnn's Python cost alone; outputs are garbage)")
     args = parser.parse_args()
@@ -134,7 +136,8 @@ def main() -> int:
         stub_triton_launches()
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    dtype = (getattr(torch, args.dtype) if args.dtype
+             else torch.float16 if device.type == "cuda" else torch.float32)
     backend = args.backend or fastcnn.backends.resolve(device)
     calls = args.calls if device.type == "cuda" or args.stub_launch else max(5, args.calls // 20)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -68,3 +68,25 @@ def test_triton_ops_run_after_the_new_settings(restored_precision, device):
     assert_close(conv, torch.nn.functional.conv2d(x, w, padding=1), scale=reduction_scale(3 * 9))
     if device == "cpu":  # the GPU may round the inputs to TF32, as it was told it may
         assert_close(fc, a @ b.T, scale=reduction_scale(16))
+
+
+def test_tf32_reader_reads_the_flags_for_float32_only():
+    from fastcnn.ops.precision import tf32_reader
+    calls = []
+
+    def allows():
+        calls.append(1)
+        return True
+    assert tf32_reader(torch.float32, allows)() is True
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        assert tf32_reader(dtype, allows)() is False
+    assert len(calls) == 1
+
+
+def test_dot_chooser_matches_dot_mode():
+    from fastcnn.triton import conv2d as triton_conv
+    for device in (torch.device("cpu"), torch.device("cuda", 0)):
+        for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            choose = triton_conv.dot_chooser(dtype, device)
+            for allow in (False, True):
+                assert choose(allow) == triton_conv.dot_mode(dtype, allow, device), (device, dtype, allow)

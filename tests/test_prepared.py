@@ -213,3 +213,26 @@ def test_empty_batch():
             assert F.conv2d(torch.randn(0, 3, 8, 8), w).shape == (0, 4, 6, 6)
             assert F.max_pool2d(torch.randn(0, 3, 8, 8), 2).shape == (0, 3, 4, 4)
             assert F.linear(torch.randn(0, 5), torch.randn(3, 5)).shape == (0, 3)
+
+
+def test_bound_triton_launches_unwrapped_and_restores_the_flag():
+    """A prepared Triton launch runs with torch's wrap_triton tracing off (a direct
+    launch) and leaves the flag as it found it, also when the launch raises."""
+    from torch._library.triton import is_wrap_triton_enabled, set_wrap_triton_enabled
+
+    from fastcnn.ops.launch import bound_triton
+    seen = []
+
+    def launch(fail):
+        seen.append(is_wrap_triton_enabled())
+        if fail:
+            raise RuntimeError("launch failed")
+        return "ran"
+    run = bound_triton(torch.device("cpu"), launch)
+    for outer in (True, False):
+        with set_wrap_triton_enabled(outer):
+            assert run(False) == "ran"
+            with pytest.raises(RuntimeError, match="launch failed"):
+                run(True)
+            assert is_wrap_triton_enabled() is outer
+    assert seen == [False] * 4

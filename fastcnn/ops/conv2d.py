@@ -37,7 +37,7 @@ from fastcnn.ops.layout import memory_format_of, new_like
 from fastcnn.ops.packed_weights import packed_conv_weight
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
 from fastcnn.ops import autocast, direct, prepared
-from fastcnn.ops.precision import acc_dtype, conv_allows_tf32
+from fastcnn.ops.precision import acc_dtype, conv_allows_tf32, tf32_reader
 
 ACTS = (None, "relu", "tanh", "sigmoid")
 
@@ -163,8 +163,8 @@ def _bind_forward(backend, x, w, residual, out, params, act, pack_weight):
     if backend == "triton":
         from fastcnn.triton import conv2d as kernels
         plan = kernels.forward_launcher(x, w, residual, out, geometry(params, x.shape, w.shape), act)
-        return bound_triton(x.device, lambda x, w, bias, residual, out: plan(x, w, bias, residual, out,
-                                                                              conv_allows_tf32()))
+        tf32 = tf32_reader(x.dtype, conv_allows_tf32)
+        return bound_triton(x.device, lambda x, w, bias, residual, out: plan(x, w, bias, residual, out, tf32()))
     launch = FORWARD[backend]
     return lambda x, w, bias, residual, out: launch(x, w, bias, residual, out, params, act)
 
@@ -452,7 +452,8 @@ def _bind_triton_backward(kernel: str, grad, other, out_size, out_format, params
     like_out = torch.empty(out_size, dtype=grad.dtype, device="meta", memory_format=out_format)
     make = kernels.input_grad_launcher if kernel == "conv2d_input_grad" else kernels.weight_grad_launcher
     plan = make(grad, other, like_out, _gradient_geometry(kernel, params, out_size, other.shape))
-    return bound_triton(grad.device, lambda g, o, out: plan(g, o, out, conv_allows_tf32()))
+    tf32 = tf32_reader(grad.dtype, conv_allows_tf32)
+    return bound_triton(grad.device, lambda g, o, out: plan(g, o, out, tf32()))
 
 
 direct.register_prepare("fastcnn::conv2d_input_grad", _prepare_input_grad)

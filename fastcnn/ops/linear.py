@@ -25,7 +25,7 @@ from fastcnn import _native, backends
 from fastcnn.ops.checks import check_act, check_layer_bias, check_matches, check_tensor
 from fastcnn.ops.conv2d import pre_activation_grad, torch_act
 from fastcnn.ops.launch import backend_table, bound_triton
-from fastcnn.ops.precision import acc_dtype, matmul_allows_tf32
+from fastcnn.ops.precision import acc_dtype, matmul_allows_tf32, tf32_reader
 from fastcnn.ops.triton_route import route_to_triton_when_compiled
 from fastcnn.ops import autocast, direct, prepared
 
@@ -113,7 +113,8 @@ def prepare_linear(input, weight, bias, act):
         from fastcnn.triton import linear as kernels
         like_out = torch.empty(m, n, dtype=input.dtype, device="meta")
         plan = kernels.linear_launcher(input.reshape(m, k), weight, like_out, act)
-        launch = bound_triton(input.device, lambda a, w, b, out: plan(a, w, b, out, matmul_allows_tf32()))
+        tf32 = tf32_reader(input.dtype, matmul_allows_tf32)
+        launch = bound_triton(input.device, lambda a, w, b, out: plan(a, w, b, out, tf32()))
         return prepared.allocating(shape, lambda x, w, b, out: launch(x.reshape(m, k), w, b, out.view(m, n)))
     launch = FORWARD[backend]
     return prepared.allocating(shape, lambda x, w, b, out: launch(x.reshape(m, k), w, b, out.view(m, n), act))

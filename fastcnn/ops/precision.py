@@ -33,6 +33,17 @@ def conv_allows_tf32() -> bool:
     return torch.backends.cudnn.allow_tf32 if allowed is None else allowed
 
 
+def _never() -> bool:
+    return False
+
+
+def tf32_reader(dtype: torch.dtype, allows):
+    """What a prepared launch calls for its allow_tf32 argument: `allows` (one of the two
+    functions here) for float32 tensors, a constant False for the others, whose
+    products never use TF32 (reading the flags costs a few us a call)."""
+    return allows if dtype == torch.float32 else _never
+
+
 def matmul_allows_tf32() -> bool:
     """Whether float32 matrix products may use TF32, as torch's cuBLAS ones decide."""
     b = torch.backends

@@ -51,6 +51,16 @@ def dot_mode(dtype: torch.dtype, allow_tf32: bool, device: torch.device) -> int:
     return DOT_TF32 if dtype == torch.float32 else DOT_NATIVE
 
 
+def dot_chooser(dtype: torch.dtype, device: torch.device) -> Callable[[bool], int]:
+    """dot_mode(dtype, allow_tf32, device) as a function of allow_tf32 alone, for a plan
+    whose dtype and device are fixed: a constant where TF32 cannot matter (the
+    interpreter's TRITON_INTERPRET is read once, not on every launch)."""
+    if dtype != torch.float32 or tuning.interpreting(device):
+        fixed = dot_mode(dtype, False, device)
+        return lambda allow_tf32: fixed
+    return lambda allow_tf32: DOT_TF32 if allow_tf32 else DOT_IEEE
+
+
 def _reach(t: torch.Tensor | None) -> int:
     """One past the largest element offset the tensor's strides address."""
     if t is None:
@@ -464,8 +474,10 @@ def forward_launcher(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tens
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
+    dot_for = dot_chooser(x.dtype, x.device)
+
     def run(x, weight, bias, residual, out, allow_tf32: bool, config: tuning.Config | None = None) -> None:
-        dot = dot_mode(x.dtype, allow_tf32, x.device)
+        dot = dot_for(allow_tf32)
         if config is None:
             config = choice.get(dot, lambda dot: _key(geometry, x, weight, dot), x.dtype, x.device,
                                 lambda cfg: launch(cfg, dot, x, weight, bias, residual, out), (x, out))
@@ -505,8 +517,10 @@ def input_grad_launcher(grad: torch.Tensor, weight: torch.Tensor, grad_x: torch.
             grad, weight, grad_x, *args, ACC=acc, DOT=dot, MODE=mode, IDX64=idx64,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **_launch_options(cfg))
 
+    dot_for = dot_chooser(grad.dtype, grad.device)
+
     def run(grad, weight, grad_x, allow_tf32: bool, config: tuning.Config | None = None) -> None:
-        dot = dot_mode(grad.dtype, allow_tf32, grad.device)
+        dot = dot_for(allow_tf32)
         if config is None:
             config = choice.get(dot, lambda dot: _key(geometry, grad, weight, dot), grad.dtype, grad.device,
                                 lambda cfg: launch(cfg, dot, grad, weight, grad_x), (grad, grad_x))
@@ -556,8 +570,10 @@ def weight_grad_launcher(grad: torch.Tensor, x: torch.Tensor, grad_w: torch.Tens
         if ws is not None:
             reduce_splits(ws, None, grad_w, cg, s, reduce_strides, 0, acc)
 
+    dot_for = dot_chooser(x.dtype, x.device)
+
     def run(grad, x, grad_w, allow_tf32: bool, config: tuning.Config | None = None) -> None:
-        dot = dot_mode(x.dtype, allow_tf32, x.device)
+        dot = dot_for(allow_tf32)
         if config is None:
             config = choice.get(dot, lambda dot: _key(geometry, x, grad_w, dot), x.dtype, x.device,
                                 lambda cfg: launch(cfg, dot, grad, x, grad_w), (grad, x, grad_w))

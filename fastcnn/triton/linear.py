@@ -19,7 +19,7 @@ from torch.library import wrap_triton
 from fastcnn.ops.precision import acc_dtype as workspace_dtype  # split sums are kept in the accumulation dtype
 from fastcnn.triton import tuning
 from fastcnn.triton.common import acc_dtype, act_code, apply_act, cdiv
-from fastcnn.triton.conv2d import DOT_TF32, dot_mode, mma, needs_int64, reduce_splits, split_chunk, swizzled_tile
+from fastcnn.triton.conv2d import DOT_TF32, dot_chooser, mma, needs_int64, reduce_splits, split_chunk, swizzled_tile
 
 
 @triton.jit
@@ -97,8 +97,10 @@ def linear_launcher(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, act: st
         if ws is not None:
             reduce_splits(ws, bias, out, n, 1, reduce_strides, act_c, acc)
 
+    dot_for = dot_chooser(a.dtype, a.device)
+
     def run(a, b, bias, out, allow_tf32: bool, config: tuning.Config | None = None) -> None:
-        dot = dot_mode(a.dtype, allow_tf32, a.device)
+        dot = dot_for(allow_tf32)
         if config is None:
             config = choice.get(dot, lambda dot: f"{m}x{n}x{k}-{layout}" + ("-tf32" if dot == DOT_TF32 else ""),
                                 a.dtype, a.device, lambda cfg: launch(cfg, dot, a, b, bias, out), (a, b, out))
