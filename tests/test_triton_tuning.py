@@ -67,6 +67,16 @@ def test_flat_loops_cap_warps():
     assert tuning.default_config(torch.float16, 4096, 256, 4096, interpreting=False, flat=True).num_warps <= 4
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_default_n_tile_fits_few_output_channels(dtype):
+    """LeNet-5's 6 and 16 output channels get a 16-wide N tile, not a mostly masked 64."""
+    for n, block_n in ((6, 16), (16, 16), (20, 32), (64, 64)):
+        config = tuning.default_config(dtype, 200704, n, 150, interpreting=False)
+        assert config.block_n == block_n, (n, config)
+    assert tuning.default_config(dtype, 200704, 1000, 150, interpreting=False).block_n >= 64
+    assert tuning.default_config(torch.float16, 4096, 256, 4096, interpreting=False).block_n == 128
+
+
 def test_small_m_candidates_come_first():
     configs = tuning.candidates(torch.float16, shared_memory=228 * 1024, small_m=True)
     assert configs[0].block_m == 16

@@ -129,6 +129,9 @@ def default_config(dtype: torch.dtype, m: int, n: int, k: int, *, interpreting: 
         c = Config(128, 128, 32, 3, 4) if min(m, n) >= 128 else Config(64, 64, 32, 3, 4)
     if dtype == torch.float32:
         c = c._replace(block_k=min(c.block_k, 32))
+    # Few output channels (LeNet-5's 6 and 16): a 64-wide N tile would be mostly masked
+    # lanes; 16 is the narrowest a tensor-core dot takes.
+    c = c._replace(block_n=min(c.block_n, max(16, next_power_of_2(n))))
     return c.capped_warps(FLAT_MAX_WARPS) if flat else c
 
 
