@@ -15,8 +15,9 @@
 #   tune       benches/tune_triton.py on $DEVICE_TUNE_NETS (default resnet50), float16,
 #              forward kernels, 6 candidates each: the table it writes (also copied to
 #              results/) is what the later phases of the run use
-#   host       benches/host_profile.py: a few layers' host time, kernel time and kernels
-#              per call, fastcnn against eager, and the host's hottest functions
+#   host       benches/host_profile.py on the first of $DEVICE_BACKENDS (else the default
+#              backend): a few layers' host time, kernel time and kernels per call,
+#              fastcnn against eager, and the host's hottest functions
 #   nets       the networks' inference, batch 256, float16, against eager
 #   graphs     the same with every contender replayed from a CUDA graph (kernels
 #              without the host's per-op cost; fastcnn's output checked from a replay)

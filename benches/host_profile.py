@@ -142,6 +142,13 @@ def main() -> int:
     calls = args.calls if device.type == "cuda" or args.stub_launch else max(5, args.calls // 20)
     args.out.mkdir(parents=True, exist_ok=True)
     rows, log = [], []
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+    def save():  # after every layer: a run cut short by its time limit keeps what it measured
+        (args.out / "host-profile.json").write_text(json.dumps(
+            {"device": device_name, "torch": torch.__version__, "dtype": str(dtype), "calls": calls, "rows": rows},
+            indent=1))
+        (args.out / "host-profile-hotspots.txt").write_text("\n".join(log))
     for layer in distinct_layers():
         label = f"{layer.net} {layer.name}"
         if not any(label.startswith(want) for want in args.layers):
@@ -151,11 +158,12 @@ def main() -> int:
         inputs = case.make_inputs(case.shape, dtype, device, case.channels_last)
         row = {"layer": case.label, "backend": backend, "stub_launch": args.stub_launch}
         with torch.no_grad(), fastcnn.use_backend(backend):
-            for name, fn in (("eager", lambda: case.eager(*inputs)), ("fastcnn", lambda: case.fastcnn(*inputs))):
+            for contender, fn in (("eager", lambda: case.eager(*inputs)),
+                                  ("fastcnn", lambda: case.fastcnn(*inputs))):
                 for _ in range(3):
                     fn()  # compiles, tunes, prepares
                 kernel, kernels, names = kernel_profile(fn, min(calls, 50))
-                row[name] = {"host_us": host_us(fn, calls), "wall_us": wall_us(fn, calls), "kernel_us": kernel,
+                row[contender] = {"host_us": host_us(fn, calls), "wall_us": wall_us(fn, calls), "kernel_us": kernel,
                              "kernels_per_call": kernels, "kernel_names": names}
             log.append(f"==== {case.label} [{backend}]\n" + host_hotspots(lambda: case.fastcnn(*inputs), calls))
         rows.append(row)
@@ -164,10 +172,7 @@ def main() -> int:
               f"kernel us {f['kernel_us']:7.1f} (eager {e['kernel_us']:6.1f})  "
               f"kernels/call {f['kernels_per_call']:.1f} (eager {e['kernels_per_call']:.1f})  "
               f"wall us {f['wall_us']:7.1f} (eager {e['wall_us']:6.1f})", flush=True)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    (args.out / "host-profile.json").write_text(json.dumps(
-        {"device": name, "torch": torch.__version__, "dtype": str(dtype), "calls": calls, "rows": rows}, indent=1))
-    (args.out / "host-profile-hotspots.txt").write_text("\n".join(log))
+        save()
     return 0 if rows else 1
 
 

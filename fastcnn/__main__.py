@@ -81,6 +81,8 @@ def main(argv=None) -> int:
         dtype = DTYPES[args.dtype] if args.dtype else default
         console = Console() if sys.stdout.isatty() else Console(width=160)
         if args.layers or args.kernels or args.ops:
+            if args.cuda_graphs:
+                raise SystemExit("fastcnn bench: --cuda-graphs times the networks only, not --layers or --kernels")
             return bench_ops(args, device, dtype, console)
         return bench_networks(args, device, dtype, console)
     if args.command == "summary":

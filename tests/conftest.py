@@ -28,9 +28,17 @@ def pytest_configure(config):
     their own counts."""
     workers = getattr(config.option, "numprocesses", None)
     if workers == "auto":
-        workers = os.cpu_count()
+        workers = usable_cores()
     if workers and "OMP_NUM_THREADS" not in os.environ:
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(workers)))
+        os.environ["OMP_NUM_THREADS"] = str(max(1, usable_cores() // int(workers)))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a container's limit, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 
@@ -161,10 +169,19 @@ _NO_GPU = [] if torch.cuda.is_available() else [
 
 @pytest.fixture(params=[*[pytest.param(p, id=i) for p, i in zip(BACKEND_DEVICES, BACKEND_IDS)], *_NO_GPU])
 def backend_device(request):
-    """Runs the test once per (backend, device) pair, with that backend selected."""
+    """Runs the test once per (backend, device) pair, with that backend selected. The
+    cpu backend's tests run on at least two OpenMP threads (where there are two cores)
+    even in a worker of `pytest -n` that got one: its kernels split work by the thread
+    count, and those splits are what they test."""
     backend, device = request.param
-    with fastcnn.use_backend(backend):
-        yield backend, device
+    threads = torch.get_num_threads()
+    if backend == "cpu":
+        torch.set_num_threads(max(threads, min(2, usable_cores())))
+    try:
+        with fastcnn.use_backend(backend):
+            yield backend, device
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)

@@ -148,3 +148,12 @@ def test_cuda_module_was_built_and_imports():
         assert cuda.device_count() == 0
         with pytest.raises(RuntimeError, match="no CUDA device"):
             cuda.add_act(0, 0, 0, 1, 0, 1, 0)
+
+
+def test_cpu_backend_tests_run_on_two_threads(backend_device):
+    """Under `pytest -n` a worker may get one OpenMP thread; the cpu backend's tests still
+    run the CPU kernels' thread splits (conftest.backend_device)."""
+    from conftest import usable_cores
+    backend, _ = backend_device
+    if backend == "cpu":
+        assert torch.get_num_threads() >= min(2, usable_cores())

@@ -117,6 +117,8 @@ def test_cuda_graphs_refused_where_they_cannot_run():
         graphs.capture(lambda: None, CPU)
     with pytest.raises(SystemExit, match="--cuda-graphs"):
         cli.main(["bench", "--nets", "lenet5", "--cuda-graphs", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="--cuda-graphs times the networks only"):
+        cli.main(["bench", "--layers", "--nets", "lenet5", "--cuda-graphs", "--device", "cpu"])
 
 
 def test_cuda_graphs_column_marks_the_mode():

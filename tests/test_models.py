@@ -319,6 +319,9 @@ def test_googlenet_transform_input():
     # Its constants follow the model and stay out of the state_dict (torchvision's keys).
     assert not any(key.startswith("input_") for key in model.state_dict())
     assert model.double().input_scale.dtype == torch.float64
+    # Exact in float64 (a fresh model's constants were never rounded to float32).
+    exact = models.googlenet(num_classes=10, aux_logits=False, transform_input=True).double()
+    assert exact.input_scale.flatten().tolist() == [s / 0.5 for s in (0.229, 0.224, 0.225)]
 
 
 def test_googlenet_transform_input_against_torchvision():

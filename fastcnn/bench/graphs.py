@@ -20,6 +20,11 @@ def capture(fn: Callable[[], object], device: torch.device) -> Callable[[], obje
     work (Triton compiles, config choice, cuBLAS handles) happens outside the capture."""
     if device.type != "cuda":
         raise ValueError(f"CUDA graphs need a CUDA device, got {device}")
+    with torch.cuda.device(device):  # the graph records on the current device's stream
+        return _capture_current(fn, device)
+
+
+def _capture_current(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):

@@ -163,7 +163,8 @@ class GoogLeNet(FusableModel):
         self.fc = fnn.Linear(1024, num_classes)
         # transform_input's per-channel affine map, as buffers that follow the model to
         # its device and dtype (not in the state_dict: torchvision's keys stay as they
-        # are); made per call, they were copied to the GPU on every forward.
+        # are); made per call, they were copied to the GPU on every forward. Made in
+        # float64, so that a float64 model gets them exact.
         scale, shift = _half_scale_affine()
         self.register_buffer("input_scale", scale, persistent=False)
         self.register_buffer("input_shift", shift, persistent=False)
@@ -195,8 +196,8 @@ _IMAGENET_STD = (0.229, 0.224, 0.225)
 def _half_scale_affine() -> tuple[Tensor, Tensor]:
     """(scale, shift) per channel that map x normalised as (v - mean) / std to
     (v - 0.5) / 0.5: x * scale + shift."""
-    scale = torch.tensor([s / 0.5 for s in _IMAGENET_STD]).view(1, 3, 1, 1)
-    shift = torch.tensor([(m - 0.5) / 0.5 for m in _IMAGENET_MEAN]).view(1, 3, 1, 1)
+    scale = torch.tensor([s / 0.5 for s in _IMAGENET_STD], dtype=torch.float64).view(1, 3, 1, 1)
+    shift = torch.tensor([(m - 0.5) / 0.5 for m in _IMAGENET_MEAN], dtype=torch.float64).view(1, 3, 1, 1)
     return scale, shift
 
 
