@@ -68,7 +68,9 @@ def model_pair(case: str, dtype=torch.float64, device="cpu", seed=0):
     torch.manual_seed(seed)
     model = models.get_model(builder_name(case), **kwargs)
     randomize_batch_norm(model, seed)
-    reference = getattr(reference_models, builder_name(case))(**reference_kwargs(kwargs))
+    with torch.device("meta"):  # no initialisation: every value comes from the model's state_dict
+        reference = getattr(reference_models, builder_name(case))(**reference_kwargs(kwargs))
+    reference = reference.to_empty(device="cpu")
     reference.load_state_dict(model.state_dict(), strict=True)
     return (no_dropout(model).to(device, dtype), no_dropout(reference).to(device, dtype), shape)
 
