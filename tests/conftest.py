@@ -27,11 +27,9 @@ def pytest_configure(config):
     process. Set before the workers start, so they read it when their runtimes start;
     an OMP_NUM_THREADS already set is kept. Tests of thread-count independence set
     their own counts."""
-    workers = getattr(config.option, "numprocesses", None)
-    if workers == "auto":
-        workers = usable_cores()
-    if workers and "OMP_NUM_THREADS" not in os.environ:
-        os.environ["OMP_NUM_THREADS"] = str(max(1, usable_cores() // int(workers)))
+    workers = getattr(config.option, "numprocesses", None)  # xdist has turned "auto" into a count by now
+    if isinstance(workers, int) and workers > 0 and "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(max(1, usable_cores() // workers))
 
 
 def usable_cores() -> int:
@@ -42,12 +40,12 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
-
 def pytest_collection_modifyitems(config, items):
     """Tests marked `heavy` (minutes under valgrind, a compiler or two processes) run
     first: a worker of `pytest -n` that picks one up near the end would keep the
     whole suite waiting for it."""
     items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
+
 
 # One table of tolerances for every test: (rtol, atol) per dtype.
 TOLERANCES = {
@@ -83,7 +81,7 @@ def assert_close_normwise(actual, expected, *, dtype=None, scale=1.0):
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """max|actual - expected| / max|expected|, with expected the exact (float64) answer."""
-    return (actual.double() - expected).abs().max().item() / expected.abs().max().item()
+    return (torch.dist(actual.double(), expected, p=math.inf) / torch.linalg.vector_norm(expected, ord=math.inf)).item()
 
 
 def reduction_scale(terms: int) -> float:

@@ -406,12 +406,11 @@ class LaunchConfig:
         if config is not None:
             self._settled[dot] = config
             return config
+        config = choose(self.kernel, key, dtype, device, run, tensors, m=self.m, n=self.n, k=self.k, flat=self.flat,
+                        small_m=self.small_m)
         if never_times(device):
-            config = self._settled[dot] = choose(self.kernel, key, dtype, device, run, tensors, m=self.m, n=self.n,
-                                                 k=self.k, flat=self.flat, small_m=self.small_m)
-            return config
-        return choose(self.kernel, key, dtype, device, run, tensors, m=self.m, n=self.n, k=self.k, flat=self.flat,
-                      small_m=self.small_m)
+            self._settled[dot] = config
+        return config
 
 
 def choose(kernel: str, key: str, dtype: torch.dtype, device: torch.device, run: Callable[[Config], None],
