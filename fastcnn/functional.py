@@ -145,11 +145,12 @@ def conv2d(input: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, 
         y = direct.call("fastcnn::conv2d", *args)
     else:
         target = check_conv2d_into(out, channel_offset, x, weight, params)
-        # conv2d_into has no autograd: it may only run when no gradient passes through.
+        # conv2d_into has no autograd: it may only run when no gradient passes through
+        # (nor a torch.func transform or forward-mode AD, which take conv2d's reference).
         grad_needed = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, bias, residual, out))
-        if grad_needed:
-            target.copy_(torch.ops.fastcnn.conv2d(*args))
+        if grad_needed or direct.transformed():
+            target.copy_(direct.call("fastcnn::conv2d", *args))
         else:
             direct.call("fastcnn::conv2d_into", out, channel_offset, *args)
         y = target

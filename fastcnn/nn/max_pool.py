@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor, nn
 
 from fastcnn import functional as F
+from fastcnn.ops import direct
 from fastcnn.ops.pool_geometry import pool_params
 
 
@@ -28,8 +28,8 @@ class MaxPool2d(nn.Module):
             return F.max_pool2d(input, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
         x, unbatched = F._batched(input)
         p = pool_params(x, self.kernel_size, self.stride, self.padding, self.dilation, self.ceil_mode)
-        out, indices = torch.ops.fastcnn.max_pool2d(x, list(p.kernel), list(p.stride), list(p.padding),
-                                                    list(p.dilation), p.ceil_mode)
+        out, indices = direct.call("fastcnn::max_pool2d", x, list(p.kernel), list(p.stride), list(p.padding),
+                                   list(p.dilation), p.ceil_mode)
         return (out.squeeze(0), indices.squeeze(0)) if unbatched else (out, indices)
 
     def extra_repr(self) -> str:

@@ -32,8 +32,18 @@ def check_add_act(a, b, act) -> None:
 
 # --- forward kernels, one per backend: (a, b, out, act), all dense in out's layout
 
+def _add_act_values(a, b, act) -> Tensor:
+    return torch.relu(a + b) if act == "relu" else a + b
+
+
 def _torch_add_act(a, b, out, act):
-    out.copy_(torch.relu(a + b) if act == "relu" else a + b)
+    out.copy_(_add_act_values(a, b, act))
+
+
+def reference_add_act(a, b, act="relu") -> Tensor:
+    """fastcnn::add_act in PyTorch ops, for torch.func transforms (direct.register_reference)."""
+    check_add_act(a, b, act)
+    return _add_act_values(a, b, act)
 
 
 def _cpu_add_act(a, b, out, act):
@@ -167,3 +177,5 @@ def add_act_backward_triton(grad: Tensor, out: Tensor, act: Optional[str] = "rel
 
 route_to_triton_when_compiled(add_act, add_act_triton)
 route_to_triton_when_compiled(add_act_backward, add_act_backward_triton)
+
+direct.register_reference("fastcnn::add_act", reference_add_act)

@@ -47,6 +47,12 @@ def _torch_avg_pool2d(x, out, p, count_include_pad):
     out.copy_(torch.nn.functional.avg_pool2d(x, p.kernel, p.stride, p.padding, p.ceil_mode, count_include_pad))
 
 
+def reference_avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad) -> Tensor:
+    """fastcnn::avg_pool2d in PyTorch ops, for torch.func transforms (direct.register_reference)."""
+    p = check_avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad)
+    return torch.nn.functional.avg_pool2d(input, p.kernel, p.stride, p.padding, p.ceil_mode, count_include_pad)
+
+
 def _cpu_avg_pool2d(x, out, p, count_include_pad):
     _native.load("_cpu").avg_pool2d(x.data_ptr(), out.data_ptr(), geometry(p, x, out), count_include_pad,
                                     _native.dtype_code(out))
@@ -240,3 +246,5 @@ def avg_pool2d_backward_triton(grad_output: Tensor, input: Tensor, kernel_size: 
 
 route_to_triton_when_compiled(avg_pool2d, avg_pool2d_triton)
 route_to_triton_when_compiled(avg_pool2d_backward, avg_pool2d_backward_triton)
+
+direct.register_reference("fastcnn::avg_pool2d", reference_avg_pool2d)

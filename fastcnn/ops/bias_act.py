@@ -59,9 +59,19 @@ def _torch_act(y: Tensor, act) -> Tensor:
     return {None: lambda v: v, "relu": torch.relu, "tanh": torch.tanh, "sigmoid": torch.sigmoid}[act](y)
 
 
+def _bias_act_values(x, bias, act) -> Tensor:
+    """In the accumulation dtype, as the kernels compute it."""
+    return _torch_act(x.to(acc_dtype(x.dtype)) + bias.to(acc_dtype(x.dtype)).view(_broadcast_shape(x)), act)
+
+
 def _torch_bias_act(x, bias, out, act):
-    y = x.to(acc_dtype(x.dtype)) + bias.to(acc_dtype(x.dtype)).view(_broadcast_shape(x))
-    out.copy_(_torch_act(y, act))
+    out.copy_(_bias_act_values(x, bias, act))
+
+
+def reference_bias_act(x, bias, act="relu") -> Tensor:
+    """fastcnn::bias_act in PyTorch ops, for torch.func transforms (direct.register_reference)."""
+    check_bias_act(x, bias, act)
+    return _bias_act_values(x, bias, act).to(x.dtype)
 
 
 def _cpu_bias_act(x, bias, out, act):
@@ -252,3 +262,5 @@ def bias_act_backward_triton(grad: Tensor, out: Tensor, act: Optional[str] = "re
 
 route_to_triton_when_compiled(bias_act, bias_act_triton)
 route_to_triton_when_compiled(bias_act_backward, bias_act_backward_triton)
+
+direct.register_reference("fastcnn::bias_act", reference_bias_act)

@@ -90,14 +90,24 @@ def _padded_for_torch(x: Tensor, params: ConvParams) -> tuple[Tensor, list[int]]
     return F.pad(x, (left, right, top, bottom)), [0, 0]
 
 
-def _torch_conv2d(x, w, bias, residual, out, params: ConvParams, act):
-    acc = acc_dtype(out.dtype)
+def _conv2d_values(x, w, bias, residual, params: ConvParams, act, acc: torch.dtype) -> Tensor:
+    """In `acc`, the output's accumulation dtype, as the kernels compute it."""
     xp, pad = _padded_for_torch(x.to(acc), params)
     y = F.conv2d(xp, w.to(acc), None if bias is None else bias.to(acc), params.stride, pad, params.dilation,
                  params.groups)
     if residual is not None:
         y = y + residual.to(acc)
-    out.copy_(torch_act(y, act))
+    return torch_act(y, act)
+
+
+def _torch_conv2d(x, w, bias, residual, out, params: ConvParams, act):
+    out.copy_(_conv2d_values(x, w, bias, residual, params, act, acc_dtype(out.dtype)))
+
+
+def reference_conv2d(input, weight, bias, residual, stride, padding, dilation, groups, act) -> Tensor:
+    """fastcnn::conv2d in PyTorch ops, for torch.func transforms (direct.register_reference)."""
+    params = check_conv2d(input, weight, bias, residual, stride, padding, dilation, groups, act)
+    return _conv2d_values(input, weight, bias, residual, params, act, acc_dtype(input.dtype)).to(input.dtype)
 
 
 def _cpu_conv2d(x, w, bias, residual, out, params, act):
@@ -691,3 +701,5 @@ def conv2d_weight_grad_triton(grad: Tensor, input: Tensor, weight_size: list[int
 route_to_triton_when_compiled(conv2d, conv2d_triton)
 route_to_triton_when_compiled(conv2d_input_grad, conv2d_input_grad_triton)
 route_to_triton_when_compiled(conv2d_weight_grad, conv2d_weight_grad_triton)
+
+direct.register_reference("fastcnn::conv2d", reference_conv2d)

@@ -10,8 +10,15 @@ torch.autograd.Function made of the op's registered backward and setup_context
 its body's checks run once per argument signature (prepared.op_launcher): the
 backward formulas call their ops through `call`, so a training step checks each
 op's arguments once, not on every step. Everything else (torch.compile, fake and
-meta tensors, dispatch and function modes such as torch.device(...), functorch
-transforms, the profiler) goes through the op as usual.
+meta tensors, dispatch and function modes such as torch.device(...), the profiler)
+goes through the op as usual.
+
+torch.func transforms (grad, vjp, jvp, jacrev, jacfwd, hessian, vmap) and
+forward-mode AD are the exception: a torch.library custom op supports neither
+functorch's grad (torch refuses its autograd Function) nor forward AD (it drops
+the tangents without a word), and vmap runs it one sample at a time. Under them
+`call` runs the op's reference (register_reference): the same computation made of
+PyTorch's own differentiable, batchable ops, after the op's own argument checks.
 """
 
 from __future__ import annotations
@@ -19,10 +26,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 _BODIES: dict[str, Callable] = {}
 _AUTOGRAD: dict[str, type] = {}  # register_autograd's Functions, by op name
 _PREPARE: dict[str, Callable] = {}  # register_prepare's functions, by op name
+_REFERENCES: dict[str, Callable] = {}  # register_reference's functions, by op name
 
 
 def custom_op(name: str, **kwargs):
@@ -43,8 +52,13 @@ def modes_active() -> bool:
     dispatcher: a body run directly would leave its kernel launch out of the trace."""
     return (torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
             or torch._C._len_torch_dispatch_stack() > 0
-            or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()
+            or torch._C._is_torch_function_mode_enabled() or transformed()
             or torch._C._autograd._profiler_enabled())
+
+
+def transformed() -> bool:
+    """A torch.func transform is active, or forward-mode AD (a dual level is open)."""
+    return torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
 
 
 def register_autograd(op, name: str, backward: Callable, setup_context: Callable) -> None:
@@ -59,7 +73,7 @@ def register_autograd(op, name: str, backward: Callable, setup_context: Callable
     # forward(ctx, *args, run) in the combined style: a Function with a separate
     # setup_context has Function.apply bind its arguments through inspect.signature
     # on every call (~25 us). That style is only needed under functorch transforms,
-    # which take the op itself (modes_active). `run` is the body or a prepared
+    # which take the op's reference (register_reference). `run` is the body or a prepared
     # launcher for these arguments; it comes last so that needs_input_grad keeps
     # the op's argument positions.
     def forward(ctx, *args_and_run):
@@ -87,6 +101,12 @@ def register_prepare(name: str, prepare: Callable) -> None:
     _PREPARE[name] = prepare
 
 
+def register_reference(name: str, reference: Callable) -> None:
+    """reference(*args): what op `name` computes, checks included, from PyTorch ops that
+    torch.func and forward-mode AD can transform; `call` runs it under them."""
+    _REFERENCES[name] = reference
+
+
 def grad_wanted(args) -> bool | None:
     """None where the dispatcher is needed (a mode, or a tensor that is not a plain
     strided one), else whether autograd must record the call."""
@@ -107,8 +127,11 @@ def call(name: str, *args):
     """torch.ops.<name>(*args), run without the dispatcher where that changes nothing:
     the body itself when no gradient is wanted, the body under the op's own autograd
     formulas (register_autograd) when one is; the body as prepared for arguments with
-    this signature where the op has register_prepare."""
+    this signature where the op has register_prepare; the op's reference under a
+    torch.func transform or forward-mode AD."""
     wanted = grad_wanted(args)
+    if wanted is None and name in _REFERENCES and transformed():
+        return _REFERENCES[name](*args)
     if wanted is None or (wanted and name not in _AUTOGRAD):
         namespace, op = name.split("::")
         return getattr(getattr(torch.ops, namespace), op)(*args)

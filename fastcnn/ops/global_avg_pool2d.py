@@ -42,6 +42,12 @@ def _torch_global_avg_pool2d(x, out):
     out.copy_(x.mean((2, 3), keepdim=True))
 
 
+def reference_global_avg_pool2d(input) -> Tensor:
+    """fastcnn::global_avg_pool2d in PyTorch ops, for torch.func transforms (direct.register_reference)."""
+    check_global_avg_pool2d(input)
+    return input.mean((2, 3), keepdim=True)
+
+
 def _cpu_global_avg_pool2d(x, out):
     _native.load("_cpu").global_avg_pool2d(x.data_ptr(), out.data_ptr(), _shape_list(x, out), _native.dtype_code(out))
 
@@ -181,3 +187,5 @@ def global_avg_pool2d_backward_triton(grad_output: Tensor, input: Tensor) -> Ten
 
 route_to_triton_when_compiled(global_avg_pool2d, global_avg_pool2d_triton)
 route_to_triton_when_compiled(global_avg_pool2d_backward, global_avg_pool2d_backward_triton)
+
+direct.register_reference("fastcnn::global_avg_pool2d", reference_global_avg_pool2d)

@@ -45,10 +45,19 @@ def check_linear(input, weight, bias, act) -> None:
 
 # --- kernels, one per backend: (a [M, K], b [N, K], bias [N] or None, out [M, N], act), any strides
 
+def _linear_values(a, b, bias, act, acc: torch.dtype) -> Tensor:
+    """In `acc`, the output's accumulation dtype, as the kernels compute it."""
+    return torch_act(F.linear(a.to(acc), b.to(acc), None if bias is None else bias.to(acc)), act)
+
+
 def _torch_linear(a, b, bias, out, act):
-    acc = acc_dtype(out.dtype)
-    y = F.linear(a.to(acc), b.to(acc), None if bias is None else bias.to(acc))
-    out.copy_(torch_act(y, act))
+    out.copy_(_linear_values(a, b, bias, act, acc_dtype(out.dtype)))
+
+
+def reference_linear(input, weight, bias, act) -> Tensor:
+    """fastcnn::linear in PyTorch ops, for torch.func transforms (direct.register_reference)."""
+    check_linear(input, weight, bias, act)
+    return _linear_values(input, weight, bias, act, acc_dtype(input.dtype)).to(input.dtype)
 
 
 def _cpu_linear(a, b, bias, out, act):
@@ -187,3 +196,5 @@ def linear_triton(input: Tensor, weight: Tensor, bias: Optional[Tensor], act: Op
 
 
 route_to_triton_when_compiled(linear, linear_triton)
+
+direct.register_reference("fastcnn::linear", reference_linear)

@@ -70,6 +70,13 @@ def _torch_lrn(x, out, size, alpha, beta, k):
     out.copy_(torch_F.local_response_norm(x.to(acc_dtype(x.dtype)), size, alpha, beta, k))
 
 
+def reference_local_response_norm(input, size, alpha=1e-4, beta=0.75, k=1.0) -> Tensor:
+    """fastcnn::local_response_norm in PyTorch ops, for torch.func transforms
+    (direct.register_reference)."""
+    check_local_response_norm(input, size, alpha, beta, k)
+    return torch_F.local_response_norm(input.to(acc_dtype(input.dtype)), size, alpha, beta, k).to(input.dtype)
+
+
 def _cpu_lrn(x, out, size, alpha, beta, k):
     _native.load("_cpu").local_response_norm(x.data_ptr(), out.data_ptr(), *_cpu_shape(out), size, alpha, beta,
                                              k, _native.dtype_code(out))
@@ -225,3 +232,5 @@ def local_response_norm_backward_triton(grad_output: Tensor, input: Tensor, size
 
 route_to_triton_when_compiled(local_response_norm, local_response_norm_triton)
 route_to_triton_when_compiled(local_response_norm_backward, local_response_norm_backward_triton)
+
+direct.register_reference("fastcnn::local_response_norm", reference_local_response_norm)

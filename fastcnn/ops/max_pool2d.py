@@ -53,6 +53,19 @@ def _new_outputs(input: Tensor, params: PoolParams) -> tuple[Tensor, Tensor]:
 # have any strides, out and indices are dense in the input's layout. indices None:
 # the values only (the native kernels take a null pointer).
 
+def reference_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode) -> tuple[Tensor, Tensor]:
+    """fastcnn::max_pool2d in PyTorch ops, for torch.func transforms (direct.register_reference)."""
+    p = check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
+    return torch.nn.functional.max_pool2d(input, p.kernel, p.stride, p.padding, p.dilation, ceil_mode=p.ceil_mode,
+                                          return_indices=True)
+
+
+def reference_max_pool2d_no_indices(input, kernel_size, stride, padding, dilation, ceil_mode) -> Tensor:
+    """fastcnn::max_pool2d_no_indices in PyTorch ops, for torch.func transforms."""
+    p = check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
+    return torch.nn.functional.max_pool2d(input, p.kernel, p.stride, p.padding, p.dilation, ceil_mode=p.ceil_mode)
+
+
 def _torch_max_pool2d(input, out, indices, p):
     window = (p.kernel, p.stride, p.padding, p.dilation)
     if indices is None:
@@ -301,3 +314,6 @@ def max_pool2d_backward_triton(grad_output: Tensor, indices: Tensor, input: Tens
 route_to_triton_when_compiled(max_pool2d, max_pool2d_triton)
 route_to_triton_when_compiled(max_pool2d_no_indices, max_pool2d_no_indices_triton)
 route_to_triton_when_compiled(max_pool2d_backward, max_pool2d_backward_triton)
+
+direct.register_reference("fastcnn::max_pool2d", reference_max_pool2d)
+direct.register_reference("fastcnn::max_pool2d_no_indices", reference_max_pool2d_no_indices)
