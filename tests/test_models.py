@@ -192,12 +192,12 @@ def test_jit_trace(case):
             assert torch.equal(traced(x), m(x))
 
 
-@pytest.mark.parametrize("case", ["lenet5", "resnet18", "vgg11_bn", "alexnet", "nin"])
+@pytest.mark.parametrize("case", ["lenet5", "resnet18", "vgg11_bn", "alexnet", "nin", "googlenet_no_aux"])
 def test_fx_symbolic_trace(case):
     """torch.fx.symbolic_trace, plain and fused: fastcnn.functional's functions are leaf
     calls (their checks need real tensors), BatchNorm2dReLU skips its dimension check
-    on traced values. The GraphModule computes what the model does. (GoogLeNet does not
-    trace: its Inception modules read shapes and call an autograd Function.)"""
+    on traced values, GoogLeNet's Inception modules concatenate their branches. The
+    GraphModule computes what the model does."""
     model, _, shape = model_pair(case, torch.float32)
     model.eval()
     x = torch.randn(2, *shape)

@@ -4,7 +4,7 @@ state_dict keys (6,624,904 parameters without the auxiliary classifiers).
 Each Inception module allocates its output once and every branch writes its
 channels into a slice of it (once fused, fastcnn.functional.conv2d's `out=`; in
 training, after BatchNorm and ReLU, through BranchesIntoSlices), so there is no
-torch.cat (except under torch.func transforms and forward-mode AD). As in torchvision, the "5x5" branch uses a 3x3 convolution (its
+torch.cat (except under torch.func transforms, forward-mode AD and torch.fx tracing). As in torchvision, the "5x5" branch uses a 3x3 convolution (its
 checkpoints were trained that way)."""
 
 from __future__ import annotations
@@ -93,9 +93,9 @@ class Inception(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         branches = (self.branch1, self.branch2, self.branch3, self.branch4)
-        if direct.transformed():
-            # torch.func transforms and forward-mode AD see through neither the autograd
-            # Function nor the writes into a tensor allocated inside them: torch.cat.
+        if direct.transformed() or isinstance(x, torch.fx.Proxy):
+            # torch.func transforms, forward-mode AD and torch.fx see through neither the
+            # autograd Function nor writes into a tensor allocated here: torch.cat.
             return torch.cat([branch(x) for branch in branches], dim=1)
         lasts = [branch[-1] if isinstance(branch, nn.Sequential) else branch for branch in branches]
         if not all(isinstance(last.bn, nn.Identity) for last in lasts):  # BatchNorm, ReLU, then the slice
