@@ -50,6 +50,8 @@ def _torch_avg_pool2d(x, out, p, count_include_pad):
 def reference_avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad) -> Tensor:
     """fastcnn::avg_pool2d in PyTorch ops, for torch.func transforms (direct.register_reference)."""
     p = check_avg_pool2d(input, kernel_size, stride, padding, ceil_mode, count_include_pad)
+    if input.is_cuda and any(p.padding):
+        input = input.contiguous()  # torch's CUDA backward for channels_last with padding: see below
     return torch.nn.functional.avg_pool2d(input, p.kernel, p.stride, p.padding, p.ceil_mode, count_include_pad)
 
 

@@ -56,6 +56,8 @@ def _new_outputs(input: Tensor, params: PoolParams) -> tuple[Tensor, Tensor]:
 def reference_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode) -> tuple[Tensor, Tensor]:
     """fastcnn::max_pool2d in PyTorch ops, for torch.func transforms (direct.register_reference)."""
     p = check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
+    if input.is_cuda:
+        input = input.contiguous()  # the indices torch's CUDA kernel gives channels_last: see _torch_max_pool2d
     return torch.nn.functional.max_pool2d(input, p.kernel, p.stride, p.padding, p.dilation, ceil_mode=p.ceil_mode,
                                           return_indices=True)
 
