@@ -42,7 +42,7 @@ DEFAULT_LAYERS = ["lenet5 fc2", "lenet5 conv2", "resnet18 layer1 conv1", "resnet
 
 
 class _NoLaunch:
-    """Stands in for wrap_triton(kernel)[grid]: takes the launch's arguments, runs nothing."""
+    """Stands in for launchable(kernel)[grid]: takes the launch's arguments, runs nothing."""
 
     def __getitem__(self, grid):
         return lambda *args, **kwargs: None
@@ -55,8 +55,8 @@ def stub_triton_launches() -> None:
     import fastcnn.triton
     for info in pkgutil.iter_modules(fastcnn.triton.__path__):
         module = importlib.import_module(f"fastcnn.triton.{info.name}")
-        if hasattr(module, "wrap_triton"):
-            module.wrap_triton = lambda kernel: _NoLaunch()
+        if hasattr(module, "launchable"):
+            module.launchable = lambda kernel: _NoLaunch()
 
 
 def host_us(fn, calls: int) -> float:

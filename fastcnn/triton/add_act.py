@@ -6,9 +6,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from fastcnn.triton.common import acc_dtype, act_code, act_grad_from_output, apply_act, cdiv
+from fastcnn.triton.common import acc_dtype, act_code, act_grad_from_output, apply_act, cdiv, launchable
 
 BLOCK = 4096
 
@@ -36,11 +35,11 @@ def add_act_backward_kernel(grad_ptr, out_ptr, grad_in_ptr, n, ACT: tl.constexpr
 
 def add_act(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, act: str | None) -> None:
     n = out.numel()
-    wrap_triton(add_act_kernel)[(cdiv(n, BLOCK),)](
+    launchable(add_act_kernel)[(cdiv(n, BLOCK),)](
         a, b, out, n, ACT=act_code(act), ACC=acc_dtype(out.dtype), BLOCK=BLOCK)
 
 
 def add_act_backward(grad: torch.Tensor, out: torch.Tensor, grad_in: torch.Tensor, act: str | None) -> None:
     n = out.numel()
-    wrap_triton(add_act_backward_kernel)[(cdiv(n, BLOCK),)](
+    launchable(add_act_backward_kernel)[(cdiv(n, BLOCK),)](
         grad, out, grad_in, n, ACT=act_code(act), ACC=acc_dtype(out.dtype), BLOCK=BLOCK)

@@ -7,10 +7,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from fastcnn.ops.pool_geometry import PoolParams
-from fastcnn.triton.common import acc_dtype, cdiv
+from fastcnn.triton.common import acc_dtype, cdiv, launchable
 
 BLOCK = 256
 
@@ -112,7 +111,7 @@ def avg_pool2d(input: torch.Tensor, out: torch.Tensor, p: PoolParams, count_incl
     n, c, h, w = input.shape
     oh, ow = out.shape[-2:]
     total = out.numel()
-    wrap_triton(avg_pool2d_kernel)[(cdiv(total, BLOCK),)](
+    launchable(avg_pool2d_kernel)[(cdiv(total, BLOCK),)](
         input, out, total, c, h, w, oh, ow, *p.kernel, *p.stride, *p.padding, *input.stride(), *out.stride(),
         COUNT_INCLUDE_PAD=count_include_pad, CHANNELS_LAST=_channels_last(out), ACC=acc_dtype(out.dtype),
         BLOCK=BLOCK)
@@ -125,7 +124,7 @@ def avg_pool2d_backward(grad_output: torch.Tensor, grad_input: torch.Tensor, p: 
     total = grad_input.numel()
     max_oh = cdiv(p.kernel[0], p.stride[0])
     max_ow = cdiv(p.kernel[1], p.stride[1])
-    wrap_triton(avg_pool2d_backward_kernel)[(cdiv(total, BLOCK),)](
+    launchable(avg_pool2d_backward_kernel)[(cdiv(total, BLOCK),)](
         grad_output, grad_input, total, c, h, w, oh, ow, *p.kernel, *p.stride, *p.padding, *grad_input.stride(),
         *grad_output.stride(), max_oh, max_ow, COUNT_INCLUDE_PAD=count_include_pad,
         CHANNELS_LAST=_channels_last(grad_input), ACC=acc_dtype(grad_input.dtype), BLOCK=BLOCK)

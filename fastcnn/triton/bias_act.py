@@ -16,9 +16,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from fastcnn.triton.common import (acc_dtype, act_code, act_grad_from_output, apply_act, cdiv,
+from fastcnn.triton.common import (acc_dtype, act_code, act_grad_from_output, apply_act, cdiv, launchable,
                                    next_power_of_2)
 
 TILE = 4096  # elements per forward program
@@ -117,7 +116,7 @@ def bias_act(x: torch.Tensor, bias: torch.Tensor, out: torch.Tensor, C: int, inn
     block_col = min(next_power_of_2(cols), 1024)
     block_r = max(1, TILE // block_col)
     col_blocks = cdiv(cols, block_col)
-    wrap_triton(bias_act_kernel)[(cdiv(rows, block_r) * col_blocks,)](
+    launchable(bias_act_kernel)[(cdiv(rows, block_r) * col_blocks,)](
         x, bias, out, rows, cols, C, col_blocks, ACT=act_code(act), ACC=acc_dtype(out.dtype),
         CHANNEL_FASTEST=inner == 1, BLOCK_R=block_r, BLOCK_COL=block_col)
 
@@ -156,10 +155,10 @@ def bias_act_backward(grad: torch.Tensor, out: torch.Tensor, grad_x: torch.Tenso
     # Every element is written by stage one.
     partial = torch.empty((plan["splits"], C), dtype=torch.float64 if out.dtype == torch.float64 else torch.float32,
                           device=out.device)
-    wrap_triton(bias_act_backward_kernel)[(channel_programs, plan["splits"])](
+    launchable(bias_act_backward_kernel)[(channel_programs, plan["splits"])](
         grad, out, grad_x, partial, C, inner, outer, plan["rows_per_split"], plan["cols_per_split"],
         plan["col_splits"], ACT=act_code(act), ACC=acc, CHANNEL_FASTEST=inner == 1, BLOCK_R=plan["block_r"],
         BLOCK_COL=plan["block_col"])
     sum_block_c = 128
-    wrap_triton(sum_splits_kernel)[(cdiv(C, sum_block_c),)](
+    launchable(sum_splits_kernel)[(cdiv(C, sum_block_c),)](
         partial, grad_bias, C, plan["splits"], ACC=acc, BLOCK_C=sum_block_c)

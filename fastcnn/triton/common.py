@@ -5,8 +5,26 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from fastcnn._native import ACT_CODES
+
+try:  # the thread-local flag that torch's triton_op clears for its eager calls
+    from torch._library.triton import is_wrap_triton_enabled
+except ImportError:  # older torch: every launch through wrap_triton
+    def is_wrap_triton_enabled() -> bool:
+        return True
+
+
+def launchable(kernel):
+    """`kernel` for a launch `launchable(kernel)[grid](...)`: through torch's wrap_triton
+    where torch.compile may be tracing it (a triton_op twin, whose launches it records),
+    the kernel itself where the launch is eager (fastcnn's launchers, ops/launch.py, and
+    triton_op's own eager calls clear the flag; wrap_triton would then launch it
+    directly too). wrap_triton builds two wrappers and looks the kernel up in torch's
+    side table twice per launch: ~16 us on the 2-core CPU, against ~20 us for the rest
+    of fastcnn's Python in a prepared conv call."""
+    return wrap_triton(kernel) if is_wrap_triton_enabled() else kernel
 
 
 def acc_dtype(dtype: torch.dtype):

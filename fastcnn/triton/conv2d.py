@@ -24,11 +24,10 @@ from collections.abc import Callable
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from fastcnn.ops.precision import acc_dtype as workspace_dtype  # split sums are kept in the accumulation dtype
 from fastcnn.triton import tuning
-from fastcnn.triton.common import acc_dtype, act_code, apply_act, cdiv
+from fastcnn.triton.common import acc_dtype, act_code, apply_act, cdiv, launchable
 
 MODE_GEMM, MODE_TAPS, MODE_FLAT = 0, 1, 2
 
@@ -408,7 +407,7 @@ def reduce_splits(ws: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor
     splits, rows, cols = ws.shape
     block_r, block_c = 32, 64
     grid = (cdiv(rows, block_r), cdiv(cols, block_c))
-    wrap_triton(reduce_splits_kernel)[grid](
+    launchable(reduce_splits_kernel)[grid](
         ws, bias if bias is not None else ws, out, rows, cols, rows * cols, splits, ci, s, *out_strides,
         HAS_BIAS=bias is not None, ACT=act, ACC=acc, BLOCK_R=block_r, BLOCK_C=block_c)
 
@@ -468,7 +467,7 @@ def forward_launcher(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tens
 
     def launch(cfg, dot, x, weight, bias, residual, out) -> None:
         grid = (cdiv(m, cfg.block_m) * cdiv(kg, cfg.block_n), 1, groups)
-        wrap_triton(conv2d_forward_kernel)[grid](
+        launchable(conv2d_forward_kernel)[grid](
             x, weight, bias if bias is not None else out, residual if has_res else out, out, *sizes, *strides,
             HAS_BIAS=bias is not None, HAS_RES=has_res, ACT=act_c, ACC=acc, DOT=dot, MODE=mode, IDX64=idx64,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
@@ -513,7 +512,7 @@ def input_grad_launcher(grad: torch.Tensor, weight: torch.Tensor, grad_x: torch.
 
     def launch(cfg, dot, grad, weight, grad_x) -> None:
         grid = (cdiv(rows, cfg.block_m), cdiv(cg, cfg.block_n), groups * phases[0] * phases[1])
-        wrap_triton(conv2d_input_grad_kernel)[grid](
+        launchable(conv2d_input_grad_kernel)[grid](
             grad, weight, grad_x, *args, ACC=acc, DOT=dot, MODE=mode, IDX64=idx64,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **_launch_options(cfg))
 
@@ -563,7 +562,7 @@ def weight_grad_launcher(grad: torch.Tensor, x: torch.Tensor, grad_w: torch.Tens
         ws = (torch.empty((splits, k, crs), dtype=workspace_dtype(grad_w.dtype), device=grad_w.device)
               if splits > 1 else None)
         grid = (cdiv(kg, cfg.block_m), cdiv(crs, cfg.block_n), groups * splits)
-        wrap_triton(conv2d_weight_grad_kernel)[grid](
+        launchable(conv2d_weight_grad_kernel)[grid](
             grad, x, ws if ws is not None else grad_w, *args,
             TO_WORKSPACE=ws is not None, ACC=acc, DOT=dot, MODE=mode, IDX64=idx64,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, **_launch_options(cfg))

@@ -10,9 +10,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from fastcnn.triton.common import acc_dtype, cdiv
+from fastcnn.triton.common import acc_dtype, cdiv, launchable
 
 BLOCK = 1024
 
@@ -63,6 +62,6 @@ def flip_crop_offset(images: torch.Tensor, out: torch.Tensor, top: torch.Tensor,
     n, c, hi, wi = images.shape
     h, w = out.shape[-2:]
     grid = (n * c, cdiv(h * w, BLOCK))
-    wrap_triton(flip_crop_offset_kernel)[grid](images, out, top, left, flip, offset, c, hi, wi, h, w, padding,
+    launchable(flip_crop_offset_kernel)[grid](images, out, top, left, flip, offset, c, hi, wi, h, w, padding,
                                               *images.stride(), *out.stride(), ACC=acc_dtype(images.dtype),
                                               BF16_OUT=out.dtype == torch.bfloat16, BLOCK=BLOCK)

@@ -8,9 +8,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from fastcnn.triton.common import acc_dtype, cdiv, next_power_of_2
+from fastcnn.triton.common import acc_dtype, cdiv, launchable, next_power_of_2
 
 BLOCK = 1024
 
@@ -91,13 +90,13 @@ def global_avg_pool2d(input: torch.Tensor, out: torch.Tensor) -> None:
     if input.stride(1) < input.stride(3) and hw > 1:  # channels_last
         block_c = min(next_power_of_2(c), 64)
         block_p = max(1, min(next_power_of_2(hw), BLOCK // block_c))
-        wrap_triton(global_pool_channels_kernel)[(n, cdiv(c, block_c))](
+        launchable(global_pool_channels_kernel)[(n, cdiv(c, block_c))](
             input, out, c, hw, input.stride(0), input.stride(1), pos_stride, out.stride(0), out.stride(1),
             ACC=acc, BLOCK_P=block_p, BLOCK_C=block_c)
     else:
         block_p = min(next_power_of_2(hw), 256)
         rows = max(1, BLOCK // block_p)
-        wrap_triton(global_pool_planes_kernel)[(cdiv(n * c, rows),)](
+        launchable(global_pool_planes_kernel)[(cdiv(n * c, rows),)](
             input, out, n * c, c, hw, input.stride(0), input.stride(1), pos_stride, out.stride(0), out.stride(1),
             ACC=acc, ROWS=rows, BLOCK_P=block_p)
 
@@ -105,6 +104,6 @@ def global_avg_pool2d(input: torch.Tensor, out: torch.Tensor) -> None:
 def global_avg_pool2d_backward(grad_output: torch.Tensor, grad_input: torch.Tensor) -> None:
     n, c, h, w = grad_input.shape
     total = grad_input.numel()
-    wrap_triton(global_pool_backward_kernel)[(cdiv(total, BLOCK),)](
+    launchable(global_pool_backward_kernel)[(cdiv(total, BLOCK),)](
         grad_output, grad_input, total, c, h, w, *grad_input.stride(), grad_output.stride(0), grad_output.stride(1),
         CHANNELS_LAST=grad_input.stride(1) < grad_input.stride(3), ACC=acc_dtype(grad_input.dtype), BLOCK=BLOCK)

@@ -14,11 +14,10 @@ from collections.abc import Callable
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from fastcnn.ops.precision import acc_dtype as workspace_dtype  # split sums are kept in the accumulation dtype
 from fastcnn.triton import tuning
-from fastcnn.triton.common import acc_dtype, act_code, apply_act, cdiv
+from fastcnn.triton.common import acc_dtype, act_code, apply_act, cdiv, launchable
 from fastcnn.triton.conv2d import DOT_TF32, dot_chooser, mma, needs_int64, reduce_splits, split_chunk, swizzled_tile
 
 
@@ -89,7 +88,7 @@ def linear_launcher(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, act: st
     def launch(cfg, dot, a, b, bias, out) -> None:
         ws = torch.empty((splits, m, n), dtype=workspace_dtype(out.dtype), device=out.device) if splits > 1 else None
         grid = (cdiv(m, cfg.block_m) * cdiv(n, cfg.block_n), 1, splits)
-        wrap_triton(linear_kernel)[grid](
+        launchable(linear_kernel)[grid](
             a, b, bias if bias is not None else out, ws if ws is not None else out, m, n, k, chunk, *strides,
             HAS_BIAS=bias is not None, ACT=act_c, ACC=acc, DOT=dot, TO_WORKSPACE=ws is not None,
             IDX64=idx64, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,

@@ -12,9 +12,8 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from fastcnn.triton.common import acc_dtype, cdiv
+from fastcnn.triton.common import acc_dtype, cdiv, launchable
 
 BLOCK = 1024
 
@@ -106,7 +105,7 @@ def _scalars(size: int, alpha: float, beta: float, k: float) -> tuple[float, ...
 def local_response_norm(x: torch.Tensor, out: torch.Tensor, cs: int, size: int, alpha: float, beta: float,
                         k: float) -> None:
     n, C = out.numel(), out.shape[1]
-    wrap_triton(lrn_forward_kernel)[(cdiv(n, BLOCK),)](
+    launchable(lrn_forward_kernel)[(cdiv(n, BLOCK),)](
         x, out, n, C, cs, *_offsets(C, size // 2, (size - 1) // 2), *_scalars(size, alpha, beta, k),
         ACC=acc_dtype(out.dtype), BETA_075=beta == 0.75, BLOCK=BLOCK)
 
@@ -120,7 +119,7 @@ def local_response_norm_backward(grad: torch.Tensor, x: torch.Tensor, grad_x: to
     scalars = _scalars(size, alpha, beta, k)
     grid = (cdiv(n, BLOCK),)
     common = dict(ACC=acc_dtype(grad_x.dtype), BETA_075=beta == 0.75, BLOCK=BLOCK)
-    wrap_triton(lrn_backward_terms_kernel)[grid](grad, x, terms, n, C, cs, *window, *scalars, **common)
-    wrap_triton(lrn_backward_kernel)[grid](
+    launchable(lrn_backward_terms_kernel)[grid](grad, x, terms, n, C, cs, *window, *scalars, **common)
+    launchable(lrn_backward_kernel)[grid](
         grad, x, terms, grad_x, n, C, cs, *window, *_offsets(C, (size - 1) // 2, size // 2), *scalars,
         *_split(2 * alpha * beta / size), **common)

@@ -12,9 +12,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from fastcnn.triton.common import acc_dtype, cdiv
+from fastcnn.triton.common import acc_dtype, cdiv, launchable
 
 BLOCK = 512
 
@@ -108,7 +107,7 @@ def max_pool2d(input: torch.Tensor, out: torch.Tensor, indices: torch.Tensor | N
     total = out.numel()
     n, c, h, w, oh, ow, *window_and_strides = geometry
     # Without indices, out stands in for the pointer the kernel never uses.
-    wrap_triton(max_pool2d_kernel)[(cdiv(total, BLOCK),)](
+    launchable(max_pool2d_kernel)[(cdiv(total, BLOCK),)](
         input, out, out if indices is None else indices, total, c, h, w, oh, ow, *window_and_strides,
         CHANNELS_LAST=_channels_last(out), INDICES=indices is not None, ACC=acc_dtype(out.dtype), BLOCK=BLOCK)
 
@@ -118,6 +117,6 @@ def max_pool2d_backward(grad_out: torch.Tensor, indices: torch.Tensor, grad_in: 
     """grad_out and indices share one layout; geometry as pool_geometry.geometry(params, grad_in, grad_out)."""
     total = grad_in.numel()
     n, c, h, w, oh, ow, *window_and_strides = geometry
-    wrap_triton(max_pool2d_backward_kernel)[(cdiv(total, BLOCK),)](
+    launchable(max_pool2d_backward_kernel)[(cdiv(total, BLOCK),)](
         grad_out, indices, grad_in, total, c, h, w, oh, ow, *window_and_strides,
         CHANNELS_LAST=_channels_last(grad_in), ACC=acc_dtype(grad_in.dtype), BLOCK=BLOCK)
