@@ -140,6 +140,39 @@ def test_vmap_of_max_pool2d_indices():
     assert torch.equal(indices, torch.stack([i for _, i in expected]))
 
 
+def test_vmap_of_conv2d_into_a_batched_out():
+    """out= and channel_offset with out batched too: each sample's slice is written."""
+    x, w, out = _rand(3, 2, 3, 6, 6), _rand(4, 3, 3, 3), _rand(3, 2, 8, 6, 6)
+    expected = out.clone()
+    slices = vmap(lambda xi, oi: fF.conv2d(xi, w, padding=1, out=oi, channel_offset=2))(x, out)
+    for i in range(3):
+        expected[i].narrow(1, 2, 4).copy_(F.conv2d(x[i], w, padding=1))
+    assert_close(out, expected)
+    assert_close(slices, expected.narrow(2, 2, 4))
+
+
+@pytest.mark.parametrize("case", ["conv2d_bias_residual_tanh", "linear_relu", "max_pool2d", "local_response_norm"])
+def test_batched_backward_matches_a_loop(case):
+    """torch.autograd.grad(..., is_grads_batched=True) runs the backward under torch's
+    older vmap, whose batched tensors have no storage: the backward ops must take the
+    dispatcher, not read them as plain tensors."""
+    fastcnn_fn, _, shapes = CASES[case]
+    inputs = [_rand(*s).requires_grad_() for s in shapes]
+    out = fastcnn_fn(*inputs)
+    cotangents = _rand(3, *out.shape)
+    batched = torch.autograd.grad(out, inputs, cotangents, is_grads_batched=True, retain_graph=True)
+    for i in range(3):
+        for b, g in zip(batched, torch.autograd.grad(out, inputs, cotangents[i], retain_graph=True)):
+            assert_close(b[i], g)
+
+
+def test_vectorized_jacobian_of_lenet5():
+    model = fastcnn.models.lenet5(num_classes=10).to(DTYPE).eval()
+    x = _rand(1, 1, 32, 32)
+    assert_close(torch.autograd.functional.jacobian(model, x, vectorize=True),
+                 torch.autograd.functional.jacobian(model, x))
+
+
 def test_hessian_of_a_conv_matches_torch():
     x, w, b = _rand(1, 2, 5, 5), _rand(3, 2, 3, 3), _rand(3)
 

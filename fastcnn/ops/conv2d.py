@@ -215,7 +215,9 @@ def check_conv2d_into(out, channel_offset, input, weight, params: ConvParams) ->
     """The slice of out the convolution fills, after checking it fits."""
     check_tensor("out", out, ndim=4)
     check_matches("out", out, "input", input, shape=False)
-    if torch._debug_has_internal_overlap(out) == 1:  # an expanded tensor: one element, many places
+    # An expanded tensor (one element, many places) cannot be written into; vmap has no batching
+    # rule for the check, and under a transform the result is copied in (torch's own errors).
+    if not direct.transformed() and torch._debug_has_internal_overlap(out) == 1:
         raise ValueError("out must not have overlapping elements (an expanded tensor cannot be written into)")
     if isinstance(channel_offset, bool) or not isinstance(channel_offset, int):
         raise TypeError(f"channel_offset must be an int, got {channel_offset!r}")

@@ -44,6 +44,9 @@ def custom_op(name: str, **kwargs):
 
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 _STRIDED = torch.strided
+# The batched tensors of torch's older vmap (torch.autograd.grad(..., is_grads_batched=True),
+# torch.autograd.functional.jacobian(vectorize=True)): plain in type, but without storage.
+_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
 
 
 def modes_active() -> bool:
@@ -109,14 +112,14 @@ def register_reference(name: str, reference: Callable) -> None:
 
 def grad_wanted(args) -> bool | None:
     """None where the dispatcher is needed (a mode, or a tensor that is not a plain
-    strided one), else whether autograd must record the call."""
+    strided one with storage), else whether autograd must record the call."""
     if modes_active():
         return None
     grad = torch.is_grad_enabled()
     wanted = False
     for a in args:
         if isinstance(a, torch.Tensor):
-            if type(a) not in _PLAIN_TYPES or a.is_meta or a.layout != _STRIDED:
+            if type(a) not in _PLAIN_TYPES or a.is_meta or a.layout != _STRIDED or _legacy_batched(a):
                 return None
             if grad and not wanted:
                 wanted = a.requires_grad
