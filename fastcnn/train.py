@@ -294,7 +294,7 @@ def _train_one(args, seed: int, out: Path, train_set, num_classes: int, dist_inf
         optimizer, lambda epoch: 0.5 * (1.0 + math.cos(math.pi * min(epoch, epochs) / epochs)))
     start = 0
     if args.resume:
-        start = _load_last_checkpoint(out, model, optimizer, schedule, device)
+        start = _load_last_checkpoint(out, model, optimizer, schedule)
     # Every process, distributed or not, takes its samples from a DistributedSampler with
     # the same seed: one process with batch 2B sees what two with batch B see together.
     sampler = DistributedSampler(train_set, num_replicas=dist_info.world_size, rank=dist_info.rank,
@@ -368,7 +368,9 @@ def evaluate(trained: list[nn.Module], test_set: TensorDataset, device: torch.de
                 side = images.shape[-1]
                 margin = max(1, side // 16)
                 padded = F.pad(images, (margin,) * 4, mode="replicate")
-                scores = multi_crop(model, padded, crops=10, size=side)
+                # An ensemble already returns averaged probabilities: the crops average them as they are.
+                scores = multi_crop(model, padded, crops=10, size=side,
+                                    average="logits" if len(trained) > 1 else "probs")
             else:
                 scores = model(images)
             correct += (scores.argmax(1) == labels).sum().item()
@@ -418,11 +420,12 @@ def last_checkpoint(out: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def _load_last_checkpoint(out: Path, model: nn.Module, optimizer, schedule, device: torch.device) -> int:
+def _load_last_checkpoint(out: Path, model: nn.Module, optimizer, schedule) -> int:
     path = last_checkpoint(out)
     if path is None:
         raise SystemExit(f"fastcnn train --resume: no checkpoint (epoch_*.pt) in {out}")
-    state = torch.load(path, map_location=device, weights_only=True)
+    # On the CPU: the random generators' states must stay there (load_state_dict moves the rest).
+    state = torch.load(path, map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])

@@ -12,6 +12,9 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
 
 from fastcnn import train as fastcnn_train
 from fastcnn.__main__ import main, parse_args
@@ -42,8 +45,11 @@ def test_digits_reach_97_percent_with_the_defaults(tmp_path, capsys):
     assert state["epoch"] == epochs and {"model", "optimizer", "schedule", "rng", "args"} <= set(state)
 
 
-def test_resume_after_an_interruption_matches_an_uninterrupted_run(tmp_path, capsys, monkeypatch):
-    common = ["--epochs", "4", "--batch-size", "64", "--seed", "3"]
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_resume_after_an_interruption_matches_an_uninterrupted_run(device, tmp_path, capsys, monkeypatch):
+    """On CUDA too: the checkpoint's random-generator states must be restored from the CPU."""
+    common = ["--epochs", "4", "--batch-size", "64", "--seed", "3", "--device", device]
     train(capsys, *common, "--out", str(tmp_path / "whole"))
 
     save = fastcnn_train._save_checkpoint
@@ -180,6 +186,27 @@ def test_image_size(image_folder, tmp_path, capsys):
         main(["train", "--image-size", "28", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--image-size must be positive"):
         main(["train", "--image-size", "0", "--out", str(tmp_path)])
+
+
+def test_evaluate_ten_crop_of_an_ensemble_averages_its_members_probabilities():
+    """--ten-crop with --ensemble: each image's score is the mean over crops and members of
+    the members' probabilities (an ensemble's output is already a probability: softmax it
+    again and the ranking can change)."""
+    from fastcnn.inference import Ensemble, multi_crop
+    torch.manual_seed(0)
+    side, n = 8, 200
+    members = [nn.Sequential(nn.Flatten(), nn.Linear(side * side, 10)).eval() for _ in range(2)]
+    for m in members:
+        nn.init.normal_(m[1].weight, std=2.0)
+    images = torch.randn(n, 1, side, side)
+    padded = F.pad(images, (1, 1, 1, 1), mode="replicate")  # evaluate's margin for side 8
+    with torch.no_grad():
+        expected = sum(multi_crop(m, padded, crops=10, size=side) for m in members) / 2
+        softmaxed_twice = multi_crop(Ensemble(members), padded, crops=10, size=side)
+    labels = expected.argmax(1)
+    assert (softmaxed_twice.argmax(1) != labels).any(), "the case must tell the two apart"
+    dataset = TensorDataset(images, labels)
+    assert fastcnn_train.evaluate(members, dataset, torch.device("cpu"), 64, ten_crop=True) == 1.0
 
 
 def test_evaluate_ten_crop_of_a_constant_model_output():
