@@ -40,7 +40,7 @@ __all__ = ["FeatureDataset", "freeze", "head_names", "headless", "precompute_fea
            "trainable_parameters", "unfreeze"]
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the samples' digests (ends_sha256, each shard's first_sha256)
 
 
 # --- which modules are the head ---------------------------------------------------------
@@ -185,12 +185,14 @@ def precompute_features(backbone: nn.Module, dataset, path: str | os.PathLike, *
     `path`: features_<k>.npy and labels_<k>.npy per shard of `shard_size` samples (in
     dataset order), and manifest.json recording the backbone (class, a hash of its
     printed architecture, a hash of its state_dict), the input's shape and dtype, the
-    number of samples, the shard size and the completed shards.
+    number of samples, digests of the first and last samples, the shard size and the
+    completed shards (each with the digest of its first sample).
 
     Resumable: each shard is written under a temporary name and renamed once complete,
     and only then listed in the manifest (itself replaced atomically). Called again on
     the same directory, it checks that backbone and data set are the same (ValueError
-    otherwise) and computes only the shards not listed, so an interruption loses at
+    otherwise: the data set by its length, input shape and dtype, its first and last
+    samples and the first sample of every stored shard, one read per shard) and computes only the shards not listed, so an interruption loses at
     most the shard in progress and never duplicates one. `max_shards` stops after that
     many newly computed shards (the manifest then says "complete": false).
 
@@ -208,9 +210,10 @@ def precompute_features(backbone: nn.Module, dataset, path: str | os.PathLike, *
         first = next(backbone.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
     device = torch.device(device)
-    image, _ = dataset[0]
+    image, label = dataset[0]
     if not isinstance(image, Tensor):
         raise TypeError(f"dataset must yield (image tensor, label) pairs, got an image of type {type(image).__name__}")
+    ends = [sample_sha256(image, label)] + ([sample_sha256(*dataset[n - 1])] if n > 1 else [])
 
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
@@ -221,6 +224,7 @@ def precompute_features(backbone: nn.Module, dataset, path: str | os.PathLike, *
                   "state_dict_sha256": state_dict_sha256(backbone)},
         "input": {"shape": list(image.shape), "dtype": _dtype_name(image.dtype)},
         "num_samples": n,
+        "ends_sha256": ends,
         "shard_size": shard_size,
     }
     manifest = _read_manifest(root)
@@ -228,6 +232,11 @@ def precompute_features(backbone: nn.Module, dataset, path: str | os.PathLike, *
         manifest = {**identity, "feature": None, "shards": [], "complete": False}
     else:
         _check_same_source(manifest, identity, root)
+        for shard in manifest["shards"]:  # one read per stored shard: each began with the same sample
+            if sample_sha256(*dataset[shard["start"]]) != shard["first_sha256"]:
+                raise ValueError(f"{root} holds features of other data: dataset[{shard['start']}], the first "
+                                 f"sample of shard {shard['index']}, differs. Use another path, or delete this "
+                                 "one to start over")
     for stale in root.glob("*.tmp"):  # a shard or manifest being written when interrupted
         stale.unlink()
 
@@ -243,14 +252,15 @@ def precompute_features(backbone: nn.Module, dataset, path: str | os.PathLike, *
             if max_shards is not None and computed >= max_shards:
                 break
             start, stop = k * shard_size, min((k + 1) * shard_size, n)
-            features, labels = _run_shard(backbone, dataset, range(start, stop), batch_size, device, identity["input"])
+            features, labels, first_sha256 = _run_shard(backbone, dataset, range(start, stop), batch_size, device,
+                                                        identity["input"])
             feature_info = {"shape": list(features.shape[1:]), "dtype": str(features.dtype)}
             if manifest["feature"] is None:
                 manifest["feature"] = feature_info
             elif manifest["feature"] != feature_info:
                 raise ValueError(f"shard {k}: the backbone output {feature_info}, but earlier shards hold "
                                  f"{manifest['feature']}")
-            entry = {"index": k, "start": start, "count": stop - start,
+            entry = {"index": k, "start": start, "count": stop - start, "first_sha256": first_sha256,
                      "features": f"features_{k:05d}.npy", "labels": f"labels_{k:05d}.npy"}
             _save_atomically(root / entry["features"], features)
             _save_atomically(root / entry["labels"], labels)
@@ -276,9 +286,18 @@ def state_dict_sha256(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
+def sample_sha256(image: Tensor, label) -> str:
+    """SHA-256 of one (image, label) sample: the image's dtype, shape and bytes, and the label."""
+    flat = image.detach().to("cpu").contiguous().reshape(-1)
+    digest = hashlib.sha256(f"{flat.dtype}|{tuple(image.shape)}|{int(label)}|".encode())
+    digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def _run_shard(backbone: nn.Module, dataset, indices: range, batch_size: int, device: torch.device,
-               input_info: dict) -> tuple[np.ndarray, np.ndarray]:
-    feature_batches, labels = [], []
+               input_info: dict) -> tuple[np.ndarray, np.ndarray, str]:
+    """The shard's features and labels, and the digest of its first sample."""
+    feature_batches, labels, first_sha256 = [], [], None
     with torch.no_grad():
         for first in range(indices.start, indices.stop, batch_size):
             images = []
@@ -288,6 +307,8 @@ def _run_shard(backbone: nn.Module, dataset, indices: range, batch_size: int, de
                     raise ValueError(f"dataset[{i}] is a {_dtype_name(image.dtype)} image of shape "
                                      f"{tuple(image.shape)}; dataset[0] was {input_info['dtype']} "
                                      f"{tuple(input_info['shape'])}")
+                if first_sha256 is None:
+                    first_sha256 = sample_sha256(image, label)
                 images.append(image)
                 labels.append(int(label))
             out = backbone(torch.stack(images).to(device))
@@ -296,7 +317,7 @@ def _run_shard(backbone: nn.Module, dataset, indices: range, batch_size: int, de
             if out.dtype == torch.bfloat16:
                 out = out.float()
             feature_batches.append(out.cpu().numpy())
-    return np.concatenate(feature_batches), np.asarray(labels, dtype=np.int64)
+    return np.concatenate(feature_batches), np.asarray(labels, dtype=np.int64), first_sha256
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -306,7 +327,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
 def _check_same_source(manifest: dict, identity: dict, root: Path) -> None:
     for key, expected in identity.items():
         if manifest.get(key) != expected:
-            what = {"model": "backbone (class, architecture or state_dict)"}.get(key, key)
+            what = {"model": "backbone (class, architecture or state_dict)",
+                    "ends_sha256": "data set (its first or last sample differs)"}.get(key, key)
             raise ValueError(f"{root} holds features from a different {what}: stored {manifest.get(key)!r}, "
                              f"now {expected!r}. Use another path, or delete this one to start over")
 

@@ -285,7 +285,8 @@ def test_interrupted_precompute_resumes_without_losing_or_duplicating(tmp_path):
     part = tmp_path / "part"
     manifest = precompute_features(backbone, data, part, batch_size=2, shard_size=3, max_shards=2)
     assert not manifest["complete"] and [s["index"] for s in manifest["shards"]] == [0, 1]
-    assert data.reads == [0] + list(range(6))  # dataset[0] first: the input's shape and dtype
+    # dataset[0] and dataset[9] first: the input's shape and dtype, the data set's two ends
+    assert data.reads == [0, 9] + list(range(6))
     with pytest.raises(ValueError, match="unfinished"):
         FeatureDataset(part)
 
@@ -293,7 +294,7 @@ def test_interrupted_precompute_resumes_without_losing_or_duplicating(tmp_path):
     data.reads, data.fail_at = [], 7
     with pytest.raises(KeyboardInterrupt):
         precompute_features(backbone, data, part, batch_size=2, shard_size=3)
-    assert data.reads == [0, 6]
+    assert data.reads == [0, 9, 0, 3, 6]  # then the first sample of each stored shard
     assert [s["index"] for s in json.loads((part / "manifest.json").read_text())["shards"]] == [0, 1]
     assert "features_00002.npy" not in shard_files(part)
 
@@ -302,7 +303,7 @@ def test_interrupted_precompute_resumes_without_losing_or_duplicating(tmp_path):
     (part / "labels_00002.npy.tmp").write_bytes(b"half a shard")
     data.reads, data.fail_at = [], None
     manifest = precompute_features(backbone, data, part, batch_size=2, shard_size=3)
-    assert data.reads == [0, 6, 7, 8, 9]  # nothing recomputed
+    assert data.reads == [0, 9, 0, 3, 6, 7, 8, 9]  # nothing recomputed
     assert manifest["complete"] and [s["index"] for s in manifest["shards"]] == [0, 1, 2, 3]
     assert shard_files(part) == shard_files(full)  # no stray temporaries
     resumed, reference = FeatureDataset(part), FeatureDataset(full)
@@ -314,7 +315,7 @@ def test_interrupted_precompute_resumes_without_losing_or_duplicating(tmp_path):
     # complete: calling again computes nothing
     data.reads = []
     precompute_features(backbone, data, part, batch_size=2, shard_size=3)
-    assert data.reads == [0]
+    assert data.reads == [0, 9, 0, 3, 6, 9]
 
 
 def test_resuming_with_another_backbone_or_data_is_refused(tmp_path):
@@ -333,8 +334,20 @@ def test_resuming_with_another_backbone_or_data_is_refused(tmp_path):
         precompute_features(headless(model), Images(7), tmp_path, shard_size=4)
     with pytest.raises(ValueError, match="shard_size"):
         precompute_features(headless(model), Images(6), tmp_path, shard_size=3)
+    with pytest.raises(ValueError, match="different data set"):  # same length and shapes, other images
+        precompute_features(headless(model), Images(6, seed=1), tmp_path, shard_size=4)
     precompute_features(headless(model), Images(6), tmp_path, shard_size=4)  # the same one goes on
     assert len(FeatureDataset(tmp_path)) == 6
+
+
+def test_resuming_with_other_samples_inside_is_refused(tmp_path):
+    """The same ends, another image where a stored shard begins."""
+    backbone = headless(lenet())
+    precompute_features(backbone, Images(6), tmp_path, shard_size=2, max_shards=2)
+    changed = Images(6)
+    changed.images[2, 0, 0, 0] += 1
+    with pytest.raises(ValueError, match="first sample of shard 1"):
+        precompute_features(backbone, changed, tmp_path, shard_size=2)
 
 
 def test_precompute_bad_arguments(tmp_path):
