@@ -86,9 +86,11 @@ def test_rgb_pca_matches_numpy():
     for i, j in enumerate(order):  # eigenvectors up to sign
         v, ref = eigvecs[:, i].numpy(), ref_vecs[:, j]
         np.testing.assert_allclose(v * np.sign(v @ ref), ref, atol=1e-10)
-    # A loader of (images, labels) batches, a dataset of single images: same result.
+    # A loader of (images, labels) batches, a list of single images, a map-style Dataset
+    # (no __iter__) of (image, label) pairs: same result.
     loader = [(x[:2], None), (x[2:], None)]
-    for source in (loader, list(x)):
+    dataset = torch.utils.data.TensorDataset(x, torch.arange(5))
+    for source in (loader, list(x), dataset):
         vals, vecs = rgb_pca(source)
         torch.testing.assert_close(vals, eigvals)
         torch.testing.assert_close((vecs * eigvecs).sum(0).abs(), torch.ones(3, dtype=torch.float64))
@@ -172,7 +174,7 @@ def test_seeds_reproducible_and_different_seeds_differ(index):
     assert not torch.equal(first, a(x))  # the generator moves on: the next batch differs
     gen = torch.Generator().manual_seed(5)
     same = type(a).__new__(type(a))
-    same.__dict__.update(a.__dict__, generator=gen)
+    same.__dict__.update(a.__dict__, _generator=gen)
     assert torch.equal(same(x), first)
 
 
@@ -207,6 +209,34 @@ def test_per_sample_dataset_transform():
                      RandomRotation(10, generator=3)])
     for i in range(5):
         assert torch.equal(batch[i], again(data[i:i + 1])[0])
+
+
+class _Shifted(torch.utils.data.Dataset):
+    """One fixed image, colour-shifted by a transform with a private seed, per item."""
+
+    def __init__(self, transform):
+        self.transform, self.image = transform, torch.zeros(3, 2, 2)
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        return self.transform(self.image)
+
+
+def test_seeded_transform_draws_differ_across_dataloader_workers():
+    """Each worker has a copy of the private generator: its draws must not repeat the
+    other worker's, and a loader seeded alike repeats the whole run."""
+    def run(seed):
+        loader = torch.utils.data.DataLoader(_Shifted(ColorShift(1.0, generator=0)), batch_size=1, num_workers=2,
+                                             generator=torch.Generator().manual_seed(seed))
+        return torch.cat(list(loader))
+
+    first = run(3)
+    offsets = first[:, :, 0, 0]  # one offset per image and channel
+    assert len({tuple(row.tolist()) for row in offsets}) == len(offsets)
+    assert torch.equal(run(3), first)
+    assert not torch.equal(run(4), first)
 
 
 @pytest.mark.parametrize("index", range(7))

@@ -12,8 +12,10 @@ serve as a `torch.utils.data.Dataset` transform.
 
 Seeding: `generator` is a `torch.Generator`, an int seed (a private generator
 seeded with it) or None (torch's global CPU generator: seeded by
-`torch.manual_seed`, and reseeded per DataLoader worker, so workers do not
-repeat each other's draws; a private generator would be copied into each worker).
+`torch.manual_seed`, and reseeded per DataLoader worker). Inside a DataLoader
+worker a private generator, which every worker gets a copy of, is replaced by
+one seeded from it and the worker's seed, so workers do not repeat each other's
+draws and a seeded loader (torch.manual_seed, or its `generator=`) repeats its run.
 """
 
 from __future__ import annotations
@@ -91,7 +93,24 @@ class BatchTransform:
     """Base class: a seeded transform of a batch (or of one image)."""
 
     def __init__(self, generator: torch.Generator | int | None = None):
-        self.generator = make_generator(generator)
+        self._generator = make_generator(generator)
+        self._worker_generator: tuple[int, int, torch.Generator] | None = None
+
+    @property
+    def generator(self) -> torch.Generator | None:
+        """The generator draws come from. In a DataLoader worker a private generator (each
+        worker has a copy of it, in the same state) would repeat the other workers' draws:
+        there it is replaced, once per worker, by one seeded from a draw of the copy and
+        the worker's seed (which torch derives from the loader's base seed, fresh per
+        epoch without persistent workers, and the worker id)."""
+        worker = torch.utils.data.get_worker_info()
+        if self._generator is None or worker is None:
+            return self._generator
+        if self._worker_generator is None or self._worker_generator[:2] != (worker.id, worker.seed):
+            draw = int(torch.randint(0, 2**62, (1,), generator=self._generator))
+            seed = (draw ^ worker.seed) & (2**63 - 1)
+            self._worker_generator = (worker.id, worker.seed, torch.Generator().manual_seed(seed))
+        return self._worker_generator[2]
 
     def sample(self, shape: Sequence[int]) -> Params:
         raise NotImplementedError
@@ -295,8 +314,12 @@ def _batches(images_or_loader) -> Iterable[Tensor]:
         yield images_or_loader
         return
     if not isinstance(images_or_loader, Iterable):
-        raise TypeError("images_or_loader must be a tensor or an iterable of tensors (or of (images, ...) tuples), "
-                        f"got {type(images_or_loader).__name__}")
+        if not (hasattr(images_or_loader, "__getitem__") and hasattr(images_or_loader, "__len__")):
+            raise TypeError("images_or_loader must be a tensor, an iterable or a map-style Dataset of tensors (or of "
+                            f"(images, ...) tuples), got {type(images_or_loader).__name__}")
+        # a map-style Dataset (torch's define __getitem__ and __len__, not __iter__): item by item
+        dataset = images_or_loader
+        images_or_loader = (dataset[i] for i in range(len(dataset)))
     for item in images_or_loader:
         yield item[0] if isinstance(item, (tuple, list)) else item
 
