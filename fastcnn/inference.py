@@ -40,7 +40,7 @@ def multi_crop(model: nn.Module, images: Tensor, crops: int = 10, size: int | tu
     256, AlexNet's and VGG's ratio). All crops go through the model as one batch of
     N * crops images. Returns (N, ...) as one output of the model."""
     _check_average(average)
-    if crops not in (1, 5, 10):
+    if isinstance(crops, bool) or crops not in (1, 5, 10):
         raise ValueError(f"crops must be 1 (centre), 5 (corners and centre) or 10 (and their mirrors), got {crops!r}")
     if not isinstance(images, Tensor) or images.dim() != 4:
         raise ValueError(f"images must be a 4-D (N, C, H, W) tensor, got "
@@ -48,10 +48,13 @@ def multi_crop(model: nn.Module, images: Tensor, crops: int = 10, size: int | tu
     height, width = images.shape[-2:]
     if size is None:
         crop_h, crop_w = height * 7 // 8, width * 7 // 8
-    elif isinstance(size, int):
+    elif isinstance(size, int) and not isinstance(size, bool):
         crop_h = crop_w = size
-    else:
+    elif (isinstance(size, (tuple, list)) and len(size) == 2
+          and all(isinstance(v, int) and not isinstance(v, bool) for v in size)):
         crop_h, crop_w = size
+    else:
+        raise TypeError(f"size must be an int, a pair of ints (height, width) or None, got {size!r}")
     if not (0 < crop_h <= height and 0 < crop_w <= width):
         raise ValueError(f"size ({crop_h}x{crop_w}) must be positive and fit in the {height}x{width} images")
     boxes = crop_boxes(height, width, crop_h, crop_w)

@@ -8,7 +8,10 @@ target each batch is first copied to pinned host memory and then sent with a
 non-blocking copy on a side stream, which the consuming stream waits for; on the CPU
 the copy is a no-op. Order and content are the source's. An exception raised by the
 source (or by the copy) is re-raised in the consumer, and breaking out of the loop,
-close(), or dropping the iterator stops the thread without hanging.
+close(), or dropping the iterator stops the thread: it stops as soon as the batch the
+source is producing at that moment is done (a blocked queue never holds it up), so
+close() waits at most one source batch; a source that never returns would keep it
+waiting (the thread is a daemon: it does not keep the interpreter alive).
 """
 
 from __future__ import annotations
@@ -125,7 +128,8 @@ class _PrefetchIterator(Iterator):
         return batch
 
     def close(self) -> None:
-        """Stops the worker thread and waits for it; idempotent."""
+        """Stops the worker thread and waits for it (at most until the source returns the
+        batch it is producing); idempotent."""
         if self._done:
             return
         self._done = True

@@ -132,6 +132,8 @@ def freeze(model: nn.Module, until: str | None = None) -> nn.Module:
         if not isinstance(until, str):
             raise TypeError(f"until must be a module name (str) or None, got {type(until).__name__}")
         names = [name for name, _ in modules]
+        if until == "":  # named_modules' name of the model itself, which holds no layer of its own
+            raise ValueError("until='' names the model itself, not one of its layers: name the last module to freeze")
         if until not in names:
             raise ValueError(f"until={until!r} is not a module of {type(model).__name__}; its top-level "
                              f"modules are: {', '.join(name for name, _ in model.named_children())}")

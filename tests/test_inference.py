@@ -115,6 +115,11 @@ def test_multi_crop_bad_arguments():
         multi_crop(CropRecorder(), images, size=9)
     with pytest.raises(ValueError, match="size"):
         multi_crop(CropRecorder(), images, size=(0, 4))
+    for size in ((8.0, 8), (4, 4, 1), "4"):
+        with pytest.raises(TypeError, match="size"):
+            multi_crop(CropRecorder(), images, size=size)
+    with pytest.raises(ValueError, match="crops"):
+        multi_crop(CropRecorder(), images, crops=True)
     with pytest.raises(ValueError, match="images"):
         multi_crop(CropRecorder(), images[0])
     with pytest.raises(ValueError, match="average"):

@@ -135,6 +135,8 @@ def test_unfrozen_batch_norm_updates_again():
 def test_freeze_bad_until():
     with pytest.raises(ValueError, match="until='features.99'"):
         freeze(lenet(), until="features.99")
+    with pytest.raises(ValueError, match="until='' names the model itself"):
+        freeze(lenet(), until="")
     with pytest.raises(TypeError, match="until"):
         freeze(lenet(), until=3)
 
