@@ -83,14 +83,15 @@ def avg_pool2d(input: Tensor, kernel_size, stride=None, padding=0, ceil_mode: bo
 def adaptive_avg_pool2d(input: Tensor, output_size) -> Tensor:
     """As torch.nn.functional.adaptive_avg_pool2d: output size 1 (global average
     pooling, which closes ResNet, NiN and Inception) runs fastcnn::global_avg_pool2d;
-    an input that already has the output size is returned as it is (AlexNet's and VGG's
-    pool at 224x224); other sizes run PyTorch's kernel."""
+    an input that already has the output size is copied (AlexNet's and VGG's pool at
+    224x224: a new tensor, as torch's, so that writing into it leaves the input alone);
+    other sizes run PyTorch's kernel."""
     out_h, out_w = adaptive_pair(output_size)
     in_h, in_w = input.shape[-2:]
     if (out_h or in_h) == 1 and (out_w or in_w) == 1:
         return global_avg_pool2d(input)
     if (out_h or in_h) == in_h and (out_w or in_w) == in_w:
-        return input
+        return input.clone()
     return torch.nn.functional.adaptive_avg_pool2d(input, output_size)
 
 

@@ -358,3 +358,87 @@ def test_half_of_a_model_already_fastcnn():
     assert ops_of(fused, x) == ["fastcnn.conv2d", "fastcnn.conv2d", "fastcnn.max_pool2d_no_indices", "aten.relu"]
     with torch.no_grad():
         assert_close(fused(x), model(x), scale=reduction_scale(36))
+
+
+def test_a_parameter_matching_the_output_at_the_example_batch_is_not_a_residual():
+    """conv(x) + a learned (1, C, H, W) offset has the conv output's shape at batch 1
+    only: fused as a residual, batch 2 would fail."""
+    class LearnedOffset(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = conv()
+            self.offset = nn.Parameter(torch.randn(1, 3, 5, 4))
+
+        def forward(self, x):
+            return F.relu(self.conv(x) + self.offset)
+
+    torch.manual_seed(0)
+    model = LearnedOffset().eval()
+    fused = fastcnn.fuse(model, torch.randn(1, 3, 5, 4))
+    x = torch.randn(2, 3, 5, 4)
+    with torch.no_grad():
+        assert_close(fused(x), model(x), scale=reduction_scale(27))
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_fused_parameters_require_grad_as_the_originals(frozen):
+    """A frozen model fuses into a frozen one (no autograd graph at inference)."""
+    torch.manual_seed(0)
+    model = randomize_batch_norm(nn.Sequential(conv(), nn.BatchNorm2d(3), nn.ReLU(), nn.BatchNorm2d(3), nn.ReLU(),
+                                               nn.Flatten(), nn.Linear(60, 4), nn.ReLU())).eval()
+    model.requires_grad_(not frozen)
+    x = torch.randn(2, 3, 5, 4)
+    fused = fastcnn.fuse(model, x)
+    assert {p.requires_grad for p in fused.parameters()} == {not frozen}
+    assert fused(x).requires_grad is (not frozen)
+    lenet = fastcnn.models.lenet5(num_classes=10).eval().requires_grad_(not frozen)
+    assert {p.requires_grad for p in lenet.fuse().parameters()} == {not frozen}
+    resnet = fastcnn.models.resnet18(num_classes=10).eval().requires_grad_(not frozen)
+    assert {p.requires_grad for p in resnet.fuse().parameters()} == {not frozen}
+
+
+def test_a_saved_fused_model_loads_and_computes_the_same(tmp_path):
+    """F.* pools rewritten into fastcnn.functional calls stay leaf calls in the saved code."""
+    class Pools(nn.Module):
+        def forward(self, x):
+            return F.adaptive_avg_pool2d(F.max_pool2d(F.avg_pool2d(x, 2), 2), 1)
+
+    x = torch.randn(2, 3, 8, 8)
+    fused = fastcnn.fuse(Pools().eval(), x)
+    assert ops_of(fused, x) == ["fastcnn.avg_pool2d", "fastcnn.max_pool2d_no_indices", "fastcnn.global_avg_pool2d"]
+    torch.save(fused, tmp_path / "fused.pt")
+    loaded = torch.load(tmp_path / "fused.pt", weights_only=False)
+    assert torch.equal(loaded(x), fused(x))
+
+
+def test_hooks_keep_running_and_hooks_on_the_model_are_refused():
+    torch.manual_seed(0)
+    model = randomize_batch_norm(nn.Sequential(nn.Sequential(conv(), nn.BatchNorm2d(3)), nn.ReLU())).eval()
+    seen = []
+    model[0].register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    x = torch.randn(2, 3, 5, 4)
+    fused = fastcnn.fuse(model, x)
+    seen.clear()
+    with torch.no_grad():
+        assert_close(fused(x), model(x), scale=reduction_scale(27))
+    assert seen == [(2, 3, 5, 4)] * 2  # the hooked container ran whole, in the fused model and in the original
+    model.register_forward_pre_hook(lambda module, args: None)
+    with pytest.raises(ValueError, match="hooks of its own"):
+        fastcnn.fuse(model, x)
+
+
+def test_the_example_input_is_left_as_it_was():
+    model = nn.Sequential(nn.ReLU(inplace=True), conv()).eval()
+    x = torch.randn(2, 3, 5, 4)
+    before = x.clone()
+    fastcnn.fuse(model, x)
+    assert torch.equal(x, before)
+
+
+def test_pool_modules_with_sizes_fastcnn_does_not_take_stay_with_torch():
+    """stride=[] means stride = kernel_size to torch."""
+    model = nn.Sequential(nn.MaxPool2d(2, stride=[]), nn.AvgPool2d(2, stride=[])).eval()
+    x = torch.randn(1, 2, 8, 8)
+    fused = fastcnn.fuse(model, x)
+    assert torch.equal(fused(x), model(x))
+

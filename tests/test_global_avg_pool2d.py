@@ -166,9 +166,11 @@ def test_compile_fullgraph(backend_device):
 
 def test_module():
     x = torch.randn(2, 3, 9, 8)
-    # global pooling, the input's own size (returned as it is), and other sizes (PyTorch's kernel)
+    # global pooling, the input's own size (copied), and other sizes (PyTorch's kernel)
     for size in (1, (1, 1), [1, 1], (None, 1), (1, None), (9, 8), (None, 8), 2, (1, 2), (3, 5)):
-        assert_close(fastcnn.nn.AdaptiveAvgPool2d(size)(x), torch.nn.AdaptiveAvgPool2d(size)(x))
+        out = fastcnn.nn.AdaptiveAvgPool2d(size)(x)
+        assert_close(out, torch.nn.AdaptiveAvgPool2d(size)(x))
+        assert out.data_ptr() != x.data_ptr()  # a new tensor, as torch's: writing into it leaves x alone
     for size in (0, (1, 2, 3), True, 1.0, (1, -1)):
         with pytest.raises(ValueError, match="output_size"):
             fastcnn.nn.AdaptiveAvgPool2d(size)

@@ -223,6 +223,23 @@ def test_torch_export_with_a_dynamic_batch():
 def test_fuse_needs_eval_mode():
     with pytest.raises(ValueError, match="eval"):
         models.resnet18(num_classes=10).fuse()
+    model = models.resnet18(num_classes=10).eval()
+    model.layer1[0].bn1.train()  # one BatchNorm still normalising with batch statistics
+    with pytest.raises(ValueError, match="'layer1.0.bn1' is in training mode"):
+        model.fuse()
+
+
+def test_fuse_refuses_hooks_it_would_drop_and_fusing_twice_changes_nothing():
+    model = models.resnet18(num_classes=10).eval()
+    handle = model.layer4[1].conv2.register_forward_hook(lambda module, args, out: None)
+    with pytest.raises(ValueError, match="'layer4.1.conv2'"):
+        model.fuse()
+    handle.remove()
+    fused = model.fuse()
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(fused.fuse()(x), fused(x))
+        assert torch.equal(fused.fuse(inplace=True)(x), fused(x))
 
 
 @pytest.mark.parametrize("case", ["resnet18", "googlenet"])

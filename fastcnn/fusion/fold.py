@@ -38,7 +38,7 @@ def fold_batch_norm(conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm, activa
     bias = shift if conv.bias is None else conv.bias.double() * scale + shift
     fused.weight.copy_(weight)
     fused.bias.copy_(bias)
-    return fused
+    return requires_grad_like(fused, conv, bn)
 
 
 @torch.no_grad()
@@ -53,7 +53,21 @@ def to_fastcnn_conv(conv: nn.Conv2d, activation: str | None, bias: bool | None =
     if has_bias:
         fused.bias.copy_(conv.bias if conv.bias is not None else torch.zeros_like(fused.bias))
     fused.train(conv.training)
-    return fused
+    return requires_grad_like(fused, conv)
 
 
-__all__ = ["batch_norm_scale_shift", "fold_batch_norm", "to_fastcnn_conv"]
+def has_hooks(module: nn.Module) -> bool:
+    """Hooks would be lost (or see other values) if the module were fused away."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or getattr(module, "_backward_pre_hooks", None))
+
+
+def requires_grad_like(fused: nn.Module, *sources: nn.Module) -> nn.Module:
+    """`fused` (whose parameters are new) with requires_grad as its sources had it: set
+    where any parameter of theirs required grad, else cleared, so that fusing a frozen
+    model gives a frozen one (no autograd graph at inference)."""
+    wanted = any(p.requires_grad for source in sources for p in source.parameters(recurse=False))
+    return fused.requires_grad_(wanted)
+
+
+__all__ = ["batch_norm_scale_shift", "fold_batch_norm", "has_hooks", "requires_grad_like", "to_fastcnn_conv"]

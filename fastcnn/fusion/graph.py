@@ -13,9 +13,13 @@ then, walking the graph in order:
 
 A pattern is rewritten only when each intermediate value has no other user. A
 plain add is fused only when its operands' shapes and dtypes are known to be equal
-(a residual must have the conv output's shape; `+` would broadcast): pass
-`example_input` to have them propagated; without it, adds are left alone
-(AddReLU never broadcasts, so it is fused either way). Everything else stays as
+and the other operand is computed from the model's inputs (a residual must have the
+conv output's shape; `+` would broadcast, and a parameter's fixed shape matches the
+output's at one batch only): pass `example_input` to have them propagated; without
+it, adds are left alone (AddReLU never broadcasts, so it is fused either way). Shapes
+are compared at the example: give one with batch > 1 and the model's usual image
+size, so that an operand that only broadcasts (size 1 where the output is larger)
+cannot pass for a residual there. Everything else stays as
 it was. BatchNorm folding uses the running statistics, so the model must be in
 eval mode: fuse raises otherwise rather than change what the model computes.
 """
@@ -35,7 +39,7 @@ from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from fastcnn import functional as F
 from fastcnn import nn as fnn
-from fastcnn.fusion.fold import fold_batch_norm, to_fastcnn_conv
+from fastcnn.fusion.fold import fold_batch_norm, has_hooks, requires_grad_like, to_fastcnn_conv
 from fastcnn.fusion.packing import keep_weights_packed
 
 FASTCNN_MODULES = (fnn.Conv2d, fnn.Linear, fnn.MaxPool2d, fnn.AvgPool2d, fnn.AdaptiveAvgPool2d, fnn.AddReLU,
@@ -85,8 +89,9 @@ class FuseTracer(fx.Tracer):
         self.failed_module: str | None = None
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        # A module with hooks stays one call, so that its hooks run on what it computes.
         return (isinstance(m, FASTCNN_MODULES + self.leaf_types) or module_qualified_name in self.leaf_names
-                or super().is_leaf_module(m, module_qualified_name))
+                or has_hooks(m) or super().is_leaf_module(m, module_qualified_name))
 
     def call_module(self, m, forward, args, kwargs):
         try:
@@ -116,11 +121,19 @@ def fuse(model: nn.Module, example_input=None, *, inplace: bool = False, verbose
     leaf_modules: module classes or qualified names that torch.fx should not
         trace into (data-dependent control flow); they stay as they are. If
         tracing fails, the error names the module to add here.
+
+    A module with hooks stays as it is (its hooks run as before); hooks on the model
+    itself are refused (the GraphModule would not run them). New parameters require
+    grad as the ones they replace did. Under autocast a fused residual is added in the
+    convolution's autocast dtype, where `+` would have promoted to float32.
     """
     training = [name or type(model).__name__ for name, m in model.named_modules() if m.training]
     if training:
         raise ValueError(f"fastcnn.fuse: model is in training mode ({training[0]!r} is): BatchNorm folding uses "
                          "the running statistics, which only eval mode uses; call model.eval() first")
+    if has_hooks(model):
+        raise ValueError("fastcnn.fuse: the model has hooks of its own, which the GraphModule it returns would not "
+                         "run: remove them and register them on the result")
     root = model if inplace else copy.deepcopy(model)
     tracer = FuseTracer(leaf_modules)
     try:
@@ -135,7 +148,8 @@ def fuse(model: nn.Module, example_input=None, *, inplace: bool = False, verbose
     shapes_known = example_input is not None
     if shapes_known:
         args = example_input if isinstance(example_input, (tuple, list)) else (example_input,)
-        ShapeProp(gm).propagate(*args)
+        # copies: a model whose first layer works in place must not write into the caller's input
+        ShapeProp(gm).propagate(*(a.clone() if isinstance(a, torch.Tensor) else a for a in args))
 
     rewrite = _Rewrite(gm, shapes_known)
     nodes_before = len(gm.graph.nodes)
@@ -254,15 +268,18 @@ class _Rewrite:
                                     device=_device_of(bn), dtype=_dtype_of(bn))
         fused.load_state_dict(bn.state_dict())
         fused.train(bn.training)
+        requires_grad_like(fused, bn)
         self.replace_chain([node, user], fused, node.args, {}, anchor=node, detail="")
 
     def pool_module(self, node: fx.Node, module: nn.Module) -> None:
-        if _has_hooks(module):
+        if has_hooks(module):
             return
-        if type(module) is nn.MaxPool2d and not module.return_indices:
+        if type(module) is nn.MaxPool2d and not module.return_indices and _pool_sizes_ok(
+                module.kernel_size, module.stride, module.padding, module.dilation):
             pool = fnn.MaxPool2d(module.kernel_size, module.stride, module.padding, module.dilation, False,
                                  module.ceil_mode)
-        elif type(module) is nn.AvgPool2d and module.divisor_override is None:
+        elif type(module) is nn.AvgPool2d and module.divisor_override is None and _pool_sizes_ok(
+                module.kernel_size, module.stride, module.padding):
             pool = fnn.AvgPool2d(module.kernel_size, module.stride, module.padding, module.ceil_mode,
                                  module.count_include_pad)
         elif type(module) is nn.AdaptiveAvgPool2d:
@@ -300,13 +317,16 @@ class _Rewrite:
                 return
             target, args = F.global_avg_pool2d, (input,)
         node.target, node.args, node.kwargs = target, args, {}
+        # as torch.fx.wrap marks a call: the saved code then wraps the function again, so that
+        # a reloaded GraphModule does not trace into it
+        node.meta["is_wrapped"] = True
         self.swaps += 1
         self.log.append(f"{node.name} (F.{name}) -> fastcnn.functional.{target.__name__}")
 
     # --- matching helpers
 
     def replaceable(self, node: fx.Node) -> bool:
-        return self.calls[node.target] == 1 and not _has_hooks(self.modules[node.target])
+        return self.calls[node.target] == 1 and not has_hooks(self.modules[node.target])
 
     @staticmethod
     def sole_user(node: fx.Node) -> fx.Node | None:
@@ -317,7 +337,7 @@ class _Rewrite:
             return False
         bn = self.modules[node.target]
         return (type(bn) in (nn.BatchNorm2d, fnn.BatchNorm2dReLU) and bn.track_running_stats
-                and bn.running_mean is not None and bn.num_features == conv.out_channels and not _has_hooks(bn))
+                and bn.running_mean is not None and bn.num_features == conv.out_channels and not has_hooks(bn))
 
     def activation_of(self, node: fx.Node | None) -> str | None:
         """The activation `node` applies to its one tensor argument, or None."""
@@ -327,7 +347,7 @@ class _Rewrite:
             return None
         if node.op == "call_module":
             module = self.modules[node.target]
-            return None if _has_hooks(module) else ACT_MODULES.get(type(module))
+            return None if has_hooks(module) else ACT_MODULES.get(type(module))
         if node.op == "call_function":
             return ACT_FUNCTIONS.get(node.target) if _hashable(node.target) else None
         if node.op == "call_method":
@@ -342,7 +362,7 @@ class _Rewrite:
         if not isinstance(other, fx.Node):
             return None, None
         if node.op == "call_module" and type(self.modules[node.target]) is fnn.AddReLU and not node.kwargs:
-            return (other, "relu") if not _has_hooks(self.modules[node.target]) else (None, None)
+            return (other, "relu") if not has_hooks(self.modules[node.target]) else (None, None)
         is_add = ((node.op == "call_function" and _hashable(node.target) and node.target in ADD_FUNCTIONS)
                   or (node.op == "call_method" and node.target in ADD_METHODS))
         if not is_add or node.kwargs not in ({}, {"alpha": 1}):
@@ -351,7 +371,22 @@ class _Rewrite:
         in_place = node.target in (operator.iadd, "add_")
         if in_place and node.args[0] is not value:
             return None, None
-        return (other, None) if self.same_shape(value, other, node) else (None, None)
+        return (other, None) if self.same_shape(value, other, node) and self.follows_input(other) else (None, None)
+
+    def follows_input(self, node: fx.Node) -> bool:
+        """Whether `node` is computed from the model's inputs. A value made of parameters,
+        buffers and constants alone (a learned (1, C, H, W) offset) has a fixed shape that
+        the conv output's matched only at the example's batch: `+` broadcasts it at any
+        other, a residual must not."""
+        seen, todo = set(), [node]
+        while todo:
+            current = todo.pop()
+            if current.op == "placeholder":
+                return True
+            if current not in seen:
+                seen.add(current)
+                todo.extend(current.all_input_nodes)
+        return False
 
     def same_shape(self, *nodes: fx.Node) -> bool:
         """Whether ShapeProp saw the same shape and dtype at all `nodes` (4-D tensors)."""
@@ -426,7 +461,7 @@ def _to_fastcnn_linear(linear: nn.Linear, activation: str | None) -> fnn.Linear:
     if linear.bias is not None:
         fused.bias.copy_(linear.bias)
     fused.train(linear.training)
-    return fused
+    return requires_grad_like(fused, linear)
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -440,12 +475,6 @@ def _has_module(root: nn.Module, name: str) -> bool:
     except AttributeError:
         return False
     return True
-
-
-def _has_hooks(module: nn.Module) -> bool:
-    """Hooks would be lost (or see other values) if the module were fused away."""
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or getattr(module, "_backward_pre_hooks", None))
 
 
 def _hashable(target) -> bool:

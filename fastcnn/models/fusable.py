@@ -11,9 +11,11 @@ from __future__ import annotations
 import copy
 
 from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
-from fastcnn.fusion.fold import fold_batch_norm
+from fastcnn.fusion.fold import fold_batch_norm, has_hooks
 from fastcnn.fusion.packing import keep_weights_packed
+from fastcnn.nn.residual import AddReLU
 from fastcnn.nn.batch_norm import BatchNorm2dReLU
 
 
@@ -23,13 +25,25 @@ class FusableModel(nn.Module):
     def fuse(self, inplace: bool = False) -> "FusableModel":
         """The model with every BatchNorm folded into its convolution (eval mode only:
         training normalises with the batch's statistics). The model itself is left as
-        it was unless `inplace`."""
-        if self.training:
-            raise ValueError("fuse() folds BatchNorm's running statistics, which only eval mode uses: "
-                             "call .eval() first")
+        it was unless `inplace`. Fusing a fused model changes nothing. Hooks on the
+        convolutions, BatchNorms and ReLUs that fusing replaces would never run again:
+        fuse() refuses them (register them on the fused model instead)."""
+        # the model, or any BatchNorm in it (a fused model's Identity placeholders do not count)
+        training = [name or type(self).__name__ for name, m in self.named_modules()
+                    if m.training and (m is self or isinstance(m, _BatchNorm))]
+        if training:
+            raise ValueError(f"fuse() folds BatchNorm's running statistics, which only eval mode uses, and "
+                             f"{training[0]!r} is in training mode: call .eval() first")
+        hooked = [name for name, m in self.named_modules()
+                  if isinstance(m, (nn.Conv2d, _BatchNorm, nn.ReLU, AddReLU)) and has_hooks(m)]
+        if hooked:
+            raise ValueError(f"fuse() replaces {hooked[0]!r}, which has hooks that would no longer run: remove "
+                             "them and register them on the fused model")
         model = self if inplace else copy.deepcopy(self)
-        _fuse_tree(model)
-        keep_weights_packed(model)
+        if not getattr(model, "_fused", False):
+            _fuse_tree(model)
+            keep_weights_packed(model)
+            model._fused = True
         return model
 
 
