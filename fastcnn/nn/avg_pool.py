@@ -35,8 +35,8 @@ class AvgPool2d(nn.Module):
 class AdaptiveAvgPool2d(nn.Module):
     """As torch.nn.AdaptiveAvgPool2d. Output size 1 (global average pooling, which
     closes ResNet, NiN and Inception) runs fastcnn::global_avg_pool2d; an input that
-    already has the output size is returned as it is (AlexNet's and VGG's pool at
-    224x224); other sizes fall back to PyTorch's kernel."""
+    already has the output size is copied (AlexNet's and VGG's pool at 224x224); other
+    sizes fall back to PyTorch's kernel."""
 
     def __init__(self, output_size):
         super().__init__()
