@@ -86,11 +86,16 @@ def adaptive_avg_pool2d(input: Tensor, output_size) -> Tensor:
     an input that already has the output size is copied (AlexNet's and VGG's pool at
     224x224: a new tensor, as torch's, so that writing into it leaves the input alone);
     other sizes run PyTorch's kernel."""
-    out_h, out_w = adaptive_pair(output_size)
+    _batched(input)  # the checks: a floating-point (C, H, W) or (N, C, H, W) tensor
+    sizes = adaptive_pair(output_size) if isinstance(output_size, (int, tuple, list)) or output_size is None else ()
+    if len(sizes) != 2 or not all(v is None or (type(v) is int and v >= 0) for v in sizes):
+        raise ValueError(f"output_size must be an int, a pair of ints or Nones (None keeps that input size), got "
+                         f"{output_size!r}")
     in_h, in_w = input.shape[-2:]
-    if (out_h or in_h) == 1 and (out_w or in_w) == 1:
+    out_h, out_w = (in_h if sizes[0] is None else sizes[0]), (in_w if sizes[1] is None else sizes[1])
+    if out_h == 1 and out_w == 1:
         return global_avg_pool2d(input)
-    if (out_h or in_h) == in_h and (out_w or in_w) == in_w:
+    if out_h == in_h and out_w == in_w:
         return input.clone()
     return torch.nn.functional.adaptive_avg_pool2d(input, output_size)
 

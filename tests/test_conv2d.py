@@ -441,6 +441,19 @@ def test_channel_slice_output_overlapping_its_operands(backend_device):
         assert torch.equal(out[:, 6:], before[:, 6:])
 
 
+def test_channel_slice_output_with_an_expanded_operand_inside_it(backend_device):
+    """A residual that is one element of out broadcast over the whole output (stride 0):
+    copied as it was before the call, like any operand inside out."""
+    _, device = backend_device
+    x, w = torch.randn(2, 4, 5, 5, device=device), torch.randn(3, 4, 3, 3, device=device)
+    out = torch.zeros(2, 3, 5, 5, device=device)
+    out[:, :, 0, 0] = torch.randn(2, 3, device=device)
+    residual = out[:, :, :1, :1].expand(2, 3, 5, 5)
+    expected = torch.nn.functional.conv2d(x, w, padding=1) + residual.clone()
+    F.conv2d(x, w, padding=1, residual=residual, out=out)
+    assert_close(out, expected, scale=reduction_scale(36))
+
+
 def test_into_op_checks_the_slice():
     x = torch.randn(1, 4, 5, 5)
     w = torch.randn(6, 4, 3, 3)

@@ -10,6 +10,8 @@ runs fastcnn's own kernels. Everything in float64, with fresh random inputs.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -61,6 +63,11 @@ CASES = {
         lambda x: fF.max_pool2d(x, 3, 2, 1, ceil_mode=True),
         lambda x: F.max_pool2d(x, 3, 2, 1, ceil_mode=True),
         [(2, 3, 7, 7)]),
+    "max_pool2d_empty_windows": (  # dilated windows wholly in the padding: -inf, no gradient
+        lambda x: fF.max_pool2d(x, 2, 1, 1, 3),
+        # (torch's own backward scatters such windows' gradients past the plane: pad explicitly)
+        lambda x: F.max_pool2d(F.pad(x, (1, 1, 1, 1), value=-math.inf), 2, 1, 0, 3),
+        [(2, 2, 2, 5)]),
     "max_pool2d_module_indices": (
         lambda x: fnn.MaxPool2d(2, return_indices=True)(x)[0],
         lambda x: F.max_pool2d(x, 2),

@@ -174,6 +174,23 @@ def test_module():
     for size in (0, (1, 2, 3), True, 1.0, (1, -1)):
         with pytest.raises(ValueError, match="output_size"):
             fastcnn.nn.AdaptiveAvgPool2d(size)
+    # the function takes what torch's does: a size 0 is an empty output, not "keep the input's"
+    for size in (0, (1, 0), (0, None)):
+        assert F.adaptive_avg_pool2d(x, size).shape == torch.nn.functional.adaptive_avg_pool2d(x, size).shape
+    for size in ((1, 2, 3), -1, 1.5, [1, True]):
+        with pytest.raises(ValueError, match="output_size"):
+            F.adaptive_avg_pool2d(x, size)
+    with pytest.raises(ValueError, match="input must have 3"):
+        F.adaptive_avg_pool2d(torch.randn(3, 4), 1)
+
+
+def test_no_channels():
+    """C = 0: an empty output, as torch's."""
+    x = torch.randn(2, 0, 7, 6, requires_grad=True)
+    out = F.global_avg_pool2d(x)
+    assert out.shape == (2, 0, 1, 1)
+    out.sum().backward()
+    assert x.grad.shape == x.shape
 
 
 @pytest.mark.parametrize(

@@ -255,8 +255,13 @@ def read_apart_from(out: Tensor, *tensors):
 
 def _copy_with_strides(t: Tensor) -> Tensor:
     """A copy with t's own strides, gaps included (clone() makes a slice dense): a
-    prepared launcher has them bound."""
-    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device).copy_(t)
+    prepared launcher has them bound. The memory t spans is copied whole and viewed
+    with its strides, so an expanded or self-overlapping t (stride 0) copies too."""
+    if t.numel() == 0:
+        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+    span = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    flat = torch.as_strided(t, (span,), (1,), t.storage_offset()).clone()
+    return flat.as_strided(t.shape, t.stride(), 0)
 
 
 @conv2d_into.register_fake

@@ -22,8 +22,8 @@ from fastcnn.ops import autocast, direct, prepared
 
 def check_global_avg_pool2d(input) -> None:
     check_tensor("input", input, ndim=4)
-    if 0 in input.shape[1:]:
-        raise ValueError(f"input must have non-zero channels, height and width, got shape {tuple(input.shape)}")
+    if 0 in input.shape[2:]:  # no channels is an empty output, as in torch; no pixels has no mean
+        raise ValueError(f"input must have non-zero height and width, got shape {tuple(input.shape)}")
 
 
 def _pooled_like(input: Tensor) -> Tensor:

@@ -16,6 +16,8 @@ gather (each grad_input element sums the windows that picked it), no atomics.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -53,19 +55,34 @@ def _new_outputs(input: Tensor, params: PoolParams) -> tuple[Tensor, Tensor]:
 # have any strides, out and indices are dense in the input's layout. indices None:
 # the values only (the native kernels take a null pointer).
 
+def _reference_values(input: Tensor, p: PoolParams) -> Tensor:
+    """The pooled values from differentiable PyTorch ops. Where a dilated window can lie
+    wholly in the padding, torch's indices for it point past the plane and its backward
+    writes there: the input is padded with -inf explicitly instead (every index inside
+    the padded tensor), and the extra windows a ceil_mode without padding adds are cut."""
+    if not any(d > 1 and pad > 0 for d, pad in zip(p.dilation, p.padding)):
+        return torch.nn.functional.max_pool2d(input, p.kernel, p.stride, p.padding, p.dilation,
+                                              ceil_mode=p.ceil_mode)
+    ph, pw = p.padding
+    padded = torch.nn.functional.pad(input, (pw, pw, ph, ph), value=-math.inf)
+    values = torch.nn.functional.max_pool2d(padded, p.kernel, p.stride, 0, p.dilation, ceil_mode=p.ceil_mode)
+    oh, ow = p.output_hw(input.shape[-2], input.shape[-1])
+    return values[..., :oh, :ow]
+
+
 def reference_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode) -> tuple[Tensor, Tensor]:
     """fastcnn::max_pool2d in PyTorch ops, for torch.func transforms (direct.register_reference)."""
     p = check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
     if input.is_cuda:
         input = input.contiguous()  # the indices torch's CUDA kernel gives channels_last: see _torch_max_pool2d
-    return torch.nn.functional.max_pool2d(input, p.kernel, p.stride, p.padding, p.dilation, ceil_mode=p.ceil_mode,
-                                          return_indices=True)
+    _, indices = torch.nn.functional.max_pool2d(input.detach(), p.kernel, p.stride, p.padding, p.dilation,
+                                                ceil_mode=p.ceil_mode, return_indices=True)
+    return _reference_values(input, p), indices
 
 
 def reference_max_pool2d_no_indices(input, kernel_size, stride, padding, dilation, ceil_mode) -> Tensor:
     """fastcnn::max_pool2d_no_indices in PyTorch ops, for torch.func transforms."""
-    p = check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode)
-    return torch.nn.functional.max_pool2d(input, p.kernel, p.stride, p.padding, p.dilation, ceil_mode=p.ceil_mode)
+    return _reference_values(input, check_max_pool2d(input, kernel_size, stride, padding, dilation, ceil_mode))
 
 
 def _torch_max_pool2d(input, out, indices, p):
@@ -159,6 +176,10 @@ max_pool2d_no_indices.register_autograd(_no_indices_backward)
 # grad_input, params), grad_output and indices dense in grad_input's layout
 
 def _torch_max_pool2d_backward(grad_output, indices, grad_input, p):
+    # A window wholly in the padding (dilation > 1) points outside the plane, and aten's
+    # backward scatters there unchecked (out of bounds): such windows pass no gradient.
+    outside = (indices < 0) | (indices >= grad_input.shape[-2] * grad_input.shape[-1])
+    grad_output, indices = grad_output.masked_fill(outside, 0), indices.masked_fill(outside, 0)
     # aten reads only the sizes and layout of its `self` argument: grad_input stands in for input.
     grad_input.copy_(torch.ops.aten.max_pool2d_with_indices_backward(
         grad_output, grad_input, list(p.kernel), list(p.stride), list(p.padding), list(p.dilation), p.ceil_mode,
