@@ -11,6 +11,14 @@ import torch
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an int of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="fastcnn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -29,8 +37,9 @@ def parse_args(argv):
                        help="every distinct conv and FC layer of the classic networks instead of the op cases")
     bench.add_argument("--nets", nargs="+", default=None,
                        help="these networks (default lenet5 alexnet vgg16 resnet50 googlenet; any of "
-                            "fastcnn.models.list_models()); with --layers: their layers")
-    bench.add_argument("--batch", nargs="+", type=int, default=None,
+                            "fastcnn.models.list_models()); with --layers: their layers (lenet5 alexnet "
+                            "vgg16 resnet18 resnet50 googlenet)")
+    bench.add_argument("--batch", nargs="+", type=positive_int, default=None,
                        help="networks: batch sizes (default 1 and 8 on the CPU, 256 on a GPU)")
     bench.add_argument("--mode", choices=["infer", "train"], default=None,
                        help="networks: inference or a training step only (default both)")
@@ -80,9 +89,8 @@ def main(argv=None) -> int:
         default = torch.float16 if device.type == "cuda" else torch.bfloat16 if args.autocast else torch.float32
         dtype = DTYPES[args.dtype] if args.dtype else default
         console = Console() if sys.stdout.isatty() else Console(width=160)
+        check_bench_args(args, device, dtype)
         if args.layers or args.kernels or args.ops:
-            if args.cuda_graphs:
-                raise SystemExit("fastcnn bench: --cuda-graphs times the networks only, not --layers or --kernels")
             return bench_ops(args, device, dtype, console)
         return bench_networks(args, device, dtype, console)
     if args.command == "summary":
@@ -90,6 +98,48 @@ def main(argv=None) -> int:
     if args.command == "train":
         return train(args)
     return 2
+
+
+def check_bench_args(args, device: torch.device, dtype: torch.dtype) -> None:
+    """The arguments' combinations, checked before anything is timed: a clear message
+    instead of a traceback (or a silently ignored option) minutes into a run."""
+    from pathlib import Path
+
+    from fastcnn import backends, models
+    from fastcnn.bench.layers import NETWORKS
+
+    def refuse(message: str):
+        raise SystemExit(f"fastcnn bench: {message}")
+
+    per_op = args.layers or args.kernels or args.ops
+    if per_op:
+        networks_only = [flag for flag, given in (("--cuda-graphs", args.cuda_graphs), ("--mode", args.mode),
+                                                  ("--batch", args.batch), ("--plot", args.plot),
+                                                  ("--autocast", args.autocast), ("--no-compile", args.no_compile))
+                         if given]
+        if networks_only:
+            refuse(f"{networks_only[0]} applies to the networks only, not to --layers, --kernels or --ops")
+        if args.nets and not args.layers:
+            refuse("--nets picks the networks, or with --layers their layers; --kernels times the op cases")
+    known = sorted(NETWORKS) if args.layers else models.list_models()
+    unknown = [n for n in args.nets or () if n not in known]
+    if unknown:
+        refuse(f"unknown network {unknown[0]!r}{' for --layers' if args.layers else ''}; known: {', '.join(known)}")
+    if args.ops:
+        from fastcnn.bench.cases import cases
+        ops = sorted({case.op for case in cases(device, quick=True)})
+        unknown = [o for o in args.ops if o not in ops]
+        if unknown:
+            refuse(f"unknown op {unknown[0]!r}; known: {', '.join(ops)}")
+    if args.autocast and dtype not in (torch.float16, torch.bfloat16):
+        refuse(f"--autocast runs in float16 or bfloat16, not {str(dtype).removeprefix('torch.')}")
+    available = backends.available_backends(device)
+    missing = [b for b in args.backends or () if b not in available]
+    if missing:
+        refuse(f"backend {missing[0]!r} cannot run on {device}; available here: {', '.join(available)}")
+    for flag, path in (("--json", args.json), ("--markdown", args.markdown), ("--plot", args.plot)):
+        if path and not Path(path).resolve().parent.is_dir():
+            refuse(f"{flag} {path}: its directory does not exist")
 
 
 def train(args) -> int:
@@ -161,7 +211,10 @@ def summarize(args) -> int:
     except ValueError:
         raise SystemExit(f"fastcnn summary: --input must be comma-separated ints such as 1,3,224,224, "
                          f"got {args.input!r}") from None
-    model = load_model(args.model, None if args.time else "meta")
+    try:
+        model = load_model(args.model, None if args.time else "meta")
+    except (ValueError, ImportError, AttributeError, TypeError) as e:
+        raise SystemExit(f"fastcnn summary: cannot build {args.model!r}: {e}") from None
     dtype = DTYPES[args.dtype]
     try:
         result = tracing.summary(model, size, dtype, print_table=True)

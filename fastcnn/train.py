@@ -247,6 +247,11 @@ def run(args: argparse.Namespace) -> Result:
 def _run(args, dist_info: Distributed, device: torch.device) -> Result:
     if args.ensemble < 1:
         raise SystemExit(f"fastcnn train: --ensemble must be at least 1, got {args.ensemble}")
+    if args.epochs < 1:
+        raise SystemExit(f"fastcnn train: --epochs must be at least 1, got {args.epochs}")
+    from fastcnn import models
+    if args.model not in models.list_models():
+        raise SystemExit(f"fastcnn train: unknown --model {args.model!r}; known: {', '.join(models.list_models())}")
     channels, side = INPUT_SIZES.get(args.model, DEFAULT_INPUT)
     if args.image_size is not None:
         if args.image_size < 1:

@@ -117,7 +117,7 @@ def test_cuda_graphs_refused_where_they_cannot_run():
         graphs.capture(lambda: None, CPU)
     with pytest.raises(SystemExit, match="--cuda-graphs"):
         cli.main(["bench", "--nets", "lenet5", "--cuda-graphs", "--device", "cpu"])
-    with pytest.raises(SystemExit, match="--cuda-graphs times the networks only"):
+    with pytest.raises(SystemExit, match="--cuda-graphs applies to the networks only"):
         cli.main(["bench", "--layers", "--nets", "lenet5", "--cuda-graphs", "--device", "cpu"])
 
 
@@ -125,3 +125,21 @@ def test_cuda_graphs_column_marks_the_mode():
     row = networks.NetRow("lenet5", "infer", 8, "float16", "triton", 1.0, 2.0, "channels_last", None, True,
                           cuda_graphs=True)
     assert "infer (CUDA graphs)" in networks.markdown([row], "test")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--nets", "lenet6"], "unknown network 'lenet6'"),
+    (["--layers", "--nets", "vgg11"], "unknown network 'vgg11' for --layers"),
+    (["--nets", "lenet5", "--batch", "0"], "must be at least 1"),
+    (["--nets", "lenet5", "--autocast", "--dtype", "float64"], "--autocast runs in float16 or bfloat16"),
+    (["--nets", "lenet5", "--backends", "nosuch"], "backend 'nosuch' cannot run"),
+    (["--nets", "lenet5", "--backends", "cuda", "--device", "cpu"], "backend 'cuda' cannot run on cpu"),
+    (["--layers", "--nets", "lenet5", "--mode", "train"], "--mode applies to the networks only"),
+    (["--kernels", "--nets", "lenet5"], "--nets picks the networks"),
+    (["--ops", "nosuch"], "unknown op 'nosuch'"),
+    (["--nets", "lenet5", "--plot", "no/such/dir/x.png"], "--plot no/such/dir/x.png: its directory does not exist"),
+])
+def test_bad_arguments_are_refused_before_anything_runs(argv, message, capsys):
+    with pytest.raises(SystemExit) as raised:
+        cli.main(["bench", "--device", "cpu", *argv])
+    assert message in str(raised.value) or message in capsys.readouterr().err

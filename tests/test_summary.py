@@ -210,3 +210,9 @@ def test_roofline_plot_and_table(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = roofline.table(result, LIMITS, measured)
     assert table.row_count == 5  # the conv and FC layers
+
+
+@pytest.mark.parametrize("model", ["nosuch", "nosuch_module:thing", "torch.nn:Linear"])
+def test_summary_of_a_model_it_cannot_build_says_so(model):
+    with pytest.raises(SystemExit, match=f"fastcnn summary: cannot build '{model}'"):
+        cli.main(["summary", model])

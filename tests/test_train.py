@@ -226,6 +226,10 @@ def test_bad_inputs(tmp_path, capsys, monkeypatch):
         main(["train", "--resume", "--epochs", "1", "--out", str(tmp_path / "empty")])
     with pytest.raises(SystemExit, match="--ensemble"):
         main(["train", "--ensemble", "0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--epochs must be at least 1"):
+        main(["train", "--epochs", "0", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="unknown --model 'nosuch'"):
+        main(["train", "--model", "nosuch", "--out", str(tmp_path)])
     monkeypatch.setitem(sys.modules, "PIL", None)
     with pytest.raises(SystemExit, match="PIL"):
         main(["train", "--data", str(tmp_path), "--out", str(tmp_path)])
