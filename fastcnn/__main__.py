@@ -64,7 +64,9 @@ def parse_args(argv):
                                             "and its layers on this machine's roofline (--roofline)")
     summary.add_argument("model", help="a registered model (fastcnn.models.list_models()) or module:attr, the "
                                        "attr a torch.nn.Module or a callable returning one")
-    summary.add_argument("--input", default="1,3,224,224", help="input size N,C,H,W (default 1,3,224,224)")
+    summary.add_argument("--input", default=None,
+                         help="input size N,C,H,W (default: batch 1 at the size a registered model was designed "
+                              "for, 1,1,32,32 for LeNet-5; else 1,3,224,224)")
     summary.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="the dtype bytes are counted in")
     summary.add_argument("--roofline", default=None,
                          help="also measure this machine's ceilings, print each conv/FC layer's bound and time "
@@ -206,6 +208,9 @@ def load_model(spec: str, device: str | None = None) -> torch.nn.Module:
 def summarize(args) -> int:
     from fastcnn.cost import roofline, tracing
 
+    if args.input is None:
+        from fastcnn.bench.networks import input_shape
+        args.input = ",".join(str(v) for v in (1, *input_shape(args.model)))
     try:
         size = [int(v) for v in args.input.split(",")]
     except ValueError:

@@ -167,6 +167,7 @@ def test_table_and_dicts(capsys):
 
 def test_cli(capsys):
     assert cli.main(["summary", "lenet5", "--input", "1,1,32,32"]) == 0
+    assert cli.main(["summary", "lenet5"]) == 0  # its own 32x32 single-channel input by default
     assert "LeNet5" in capsys.readouterr().out
     assert cli.main(["summary", "torch.nn:Identity", "--input", "2,3"]) == 0
     assert cli.main(["summary", "lenet5", "--input", "1,1,3,3"]) == 2
