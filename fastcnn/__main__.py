@@ -210,12 +210,13 @@ def summarize(args) -> int:
 
     if args.input is None:
         from fastcnn.bench.networks import input_shape
-        args.input = ",".join(str(v) for v in (1, *input_shape(args.model)))
-    try:
-        size = [int(v) for v in args.input.split(",")]
-    except ValueError:
-        raise SystemExit(f"fastcnn summary: --input must be comma-separated ints such as 1,3,224,224, "
-                         f"got {args.input!r}") from None
+        size = [1, *input_shape(args.model)]
+    else:
+        try:
+            size = [int(v) for v in args.input.split(",")]
+        except ValueError:
+            raise SystemExit(f"fastcnn summary: --input must be comma-separated ints such as 1,3,224,224, "
+                             f"got {args.input!r}") from None
     try:
         model = load_model(args.model, None if args.time else "meta")
     except (ValueError, ImportError, AttributeError, TypeError) as e:

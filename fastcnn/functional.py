@@ -87,10 +87,7 @@ def adaptive_avg_pool2d(input: Tensor, output_size) -> Tensor:
     224x224: a new tensor, as torch's, so that writing into it leaves the input alone);
     other sizes run PyTorch's kernel."""
     _batched(input)  # the checks: a floating-point (C, H, W) or (N, C, H, W) tensor
-    sizes = adaptive_pair(output_size) if isinstance(output_size, (int, tuple, list)) or output_size is None else ()
-    if len(sizes) != 2 or not all(v is None or (type(v) is int and v >= 0) for v in sizes):
-        raise ValueError(f"output_size must be an int, a pair of ints or Nones (None keeps that input size), got "
-                         f"{output_size!r}")
+    sizes = checked_adaptive_pair(output_size, minimum=0)
     in_h, in_w = input.shape[-2:]
     out_h, out_w = (in_h if sizes[0] is None else sizes[0]), (in_w if sizes[1] is None else sizes[1])
     if out_h == 1 and out_w == 1:
@@ -100,9 +97,18 @@ def adaptive_avg_pool2d(input: Tensor, output_size) -> Tensor:
     return torch.nn.functional.adaptive_avg_pool2d(input, output_size)
 
 
-def adaptive_pair(size) -> tuple:
-    """torch.nn.AdaptiveAvgPool2d's output_size as (h, w); None keeps that input size."""
-    return (size, size) if size is None or isinstance(size, int) else tuple(size)
+def checked_adaptive_pair(output_size, minimum: int) -> tuple:
+    """torch.nn.AdaptiveAvgPool2d's output_size as (h, w), None keeping that input size,
+    after checking it: each side None or an int of at least `minimum` (torch's function
+    takes 0, an empty output; its module does not)."""
+    if output_size is None or isinstance(output_size, int):
+        sizes = (output_size, output_size)
+    else:
+        sizes = tuple(output_size) if isinstance(output_size, (tuple, list)) else ()
+    if len(sizes) != 2 or not all(v is None or (type(v) is int and v >= minimum) for v in sizes):
+        raise ValueError(f"output_size must be an int of at least {minimum}, or a pair of such ints or Nones (None "
+                         f"keeps that input size), got {output_size!r}")
+    return sizes
 
 
 @autocast.follows("fastcnn::global_avg_pool2d")

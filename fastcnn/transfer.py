@@ -194,8 +194,9 @@ def precompute_features(backbone: nn.Module, dataset, path: str | os.PathLike, *
     and only then listed in the manifest (itself replaced atomically). Called again on
     the same directory, it checks that backbone and data set are the same (ValueError
     otherwise: the data set by its length, input shape and dtype, its first and last
-    samples and the first sample of every stored shard, one read per shard) and computes only the shards not listed, so an interruption loses at
-    most the shard in progress and never duplicates one. `max_shards` stops after that
+    samples and the first sample of every stored shard, one read per shard) and
+    computes only the shards not listed, so an interruption loses at most the shard
+    in progress and never duplicates one. `max_shards` stops after that
     many newly computed shards (the manifest then says "complete": false).
 
     Features are stored in the backbone's output dtype (bfloat16, which numpy lacks, as

@@ -1,6 +1,8 @@
 """Folding an eval-mode BatchNorm into the convolution or linear layer before it:
 bn(conv(x)) == conv'(x) with w' = w * scale[k] and b' = (b - mean) * scale + beta,
-scale = gamma / sqrt(var + eps). Computed in float64, stored in the layer's dtype."""
+scale = gamma / sqrt(var + eps). Computed in float64, stored in the layer's dtype.
+Also what both fusions (fastcnn.fuse, model.fuse()) ask of the layers they replace:
+has_hooks, and requires_grad_like for the new layers' parameters."""
 
 from __future__ import annotations
 

@@ -19,9 +19,9 @@ output's at one batch only): pass `example_input` to have them propagated; witho
 it, adds are left alone (AddReLU never broadcasts, so it is fused either way). Shapes
 are compared at the example: give one with batch > 1 and the model's usual image
 size, so that an operand that only broadcasts (size 1 where the output is larger)
-cannot pass for a residual there. Everything else stays as
-it was. BatchNorm folding uses the running statistics, so the model must be in
-eval mode: fuse raises otherwise rather than change what the model computes.
+cannot pass for a residual there. Everything else stays as it was. BatchNorm
+folding uses the running statistics, so the model must be in eval mode: fuse
+raises otherwise rather than change what the model computes.
 """
 
 from __future__ import annotations

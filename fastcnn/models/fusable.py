@@ -15,8 +15,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from fastcnn.fusion.fold import fold_batch_norm, has_hooks
 from fastcnn.fusion.packing import keep_weights_packed
-from fastcnn.nn.residual import AddReLU
 from fastcnn.nn.batch_norm import BatchNorm2dReLU
+from fastcnn.nn.residual import AddReLU
 
 
 class FusableModel(nn.Module):

@@ -4,7 +4,8 @@ state_dict keys (6,624,904 parameters without the auxiliary classifiers).
 Each Inception module allocates its output once and every branch writes its
 channels into a slice of it (once fused, fastcnn.functional.conv2d's `out=`; in
 training, after BatchNorm and ReLU, through BranchesIntoSlices), so there is no
-torch.cat (except under torch.func transforms, forward-mode AD and torch.fx tracing). As in torchvision, the "5x5" branch uses a 3x3 convolution (its
+torch.cat (except under torch.func transforms, forward-mode AD and torch.fx
+tracing). As in torchvision, the "5x5" branch uses a 3x3 convolution (its
 checkpoints were trained that way)."""
 
 from __future__ import annotations

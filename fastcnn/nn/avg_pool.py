@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from fastcnn import functional as F
-from fastcnn.functional import adaptive_pair
+from fastcnn.functional import checked_adaptive_pair
 
 
 class AvgPool2d(nn.Module):
@@ -40,10 +40,7 @@ class AdaptiveAvgPool2d(nn.Module):
 
     def __init__(self, output_size):
         super().__init__()
-        sizes = adaptive_pair(output_size) if isinstance(output_size, (int, tuple, list)) or output_size is None else ()
-        if len(sizes) != 2 or not all(v is None or (type(v) is int and v > 0) for v in sizes):
-            raise ValueError(f"AdaptiveAvgPool2d: output_size must be a positive int or a pair of positive ints "
-                             f"or None, got {output_size!r}")
+        checked_adaptive_pair(output_size, minimum=1)
         self.output_size = output_size
 
     def forward(self, input: Tensor) -> Tensor:
